@@ -1,0 +1,1 @@
+"""Mask2Anomaly for transformers."""

@@ -133,7 +133,7 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
 
     @classmethod
     def tiny(cls, **kwargs) -> "Mask2AnomalyConfig":
-        """A small configuration (about 1M parameters) for tests and CPU demos; same 19 Cityscapes classes."""
+        """A small configuration (about 0.15M parameters) for tests and CPU demos; same 19 Cityscapes classes."""
         backbone = ResNetConfig(
             embedding_size=16,
             hidden_sizes=[32, 64, 96, 128],

@@ -82,9 +82,12 @@ def mask_contrastive_loss(
       a logit; the outlier term is dropped when there are no outliers.
 
     **Sign quirk of the official form.** `S_c >= 0`, so `s <= 0` everywhere and `margin - s >= margin > 0`:
-    the hinge never clips. Minimising the loss therefore pushes `max_c S_c` towards 0 on inliers (through the
-    first term) and *up* on outliers (the second term falls as `s` falls), the opposite of the paper's
-    intent for outliers, yet it is what trained the released checkpoints, so it stays the default here.
+    the hinge never clips, and both terms push `max_c S_c` *down*: on inliers towards 0 (the opposite of
+    what a confident known class should do), on outliers more strongly (the gradient there is
+    `margin + max_c S_c` instead of `max_c S_c`). The contrast between the two comes only from that
+    difference in strength. This is what trained the released checkpoints, so it stays the default here.
+    (Unlike what one may read elsewhere, the official code keeps the factor 0.5 also when a batch has no
+    outlier pixel; the official fixtures confirm it.)
 
     Args:
         class_queries_logits: `(batch, queries, num_labels + 1)`.
@@ -373,6 +376,9 @@ class Mask2AnomalyPreTrainedModel(Mask2FormerPreTrainedModel):
     config_class = Mask2AnomalyConfig
     base_model_prefix = "model"
     main_input_name = "pixel_values"
+    # The transformer decoder layers are transformers' GradientCheckpointingLayer; Mask2Former leaves the
+    # switch off, Mask2Anomaly turns it on (tested against un-checkpointed gradients).
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):

@@ -2,17 +2,25 @@
 
 Importing this package registers the model with transformers' Auto classes: `AutoConfig`, `AutoModel` (the
 base model), `AutoModelForUniversalSegmentation`, `AutoModelForImageSegmentation` (for the pipeline) and,
-once present, `AutoImageProcessor`.
+`AutoImageProcessor`.
 """
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageSegmentation,
     AutoModelForUniversalSegmentation,
 )
 
 from .configuration_mask2anomaly import CITYSCAPES_CLASSES, CITYSCAPES_REFINE_CLASS_IDS, Mask2AnomalyConfig
+from .image_processing_mask2anomaly import (
+    AnomalyPrediction,
+    Mask2AnomalyImageProcessor,
+    iter_predict_anomaly,
+    load_image,
+    predict_anomaly,
+)
 from .modeling_mask2anomaly import (
     Mask2AnomalyForUniversalSegmentation,
     Mask2AnomalyModel,
@@ -25,14 +33,23 @@ AutoConfig.register(Mask2AnomalyConfig.model_type, Mask2AnomalyConfig, exist_ok=
 AutoModel.register(Mask2AnomalyConfig, Mask2AnomalyModel, exist_ok=True)
 AutoModelForUniversalSegmentation.register(Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, exist_ok=True)
 AutoModelForImageSegmentation.register(Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, exist_ok=True)
+AutoImageProcessor.register(Mask2AnomalyConfig, image_processor_classes={"pil": Mask2AnomalyImageProcessor}, exist_ok=True)
+# The processor's save_pretrained writes its file and an `auto_map` into preprocessor_config.json, so
+# AutoImageProcessor (and the pipeline) load it from a folder with trust_remote_code=True.
+Mask2AnomalyImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
+    "AnomalyPrediction",
     "CITYSCAPES_CLASSES",
     "CITYSCAPES_REFINE_CLASS_IDS",
     "Mask2AnomalyConfig",
     "Mask2AnomalyForUniversalSegmentation",
+    "Mask2AnomalyImageProcessor",
     "Mask2AnomalyModel",
     "Mask2AnomalyPreTrainedModel",
     "class_mask_scores",
+    "iter_predict_anomaly",
+    "load_image",
     "mask_contrastive_loss",
+    "predict_anomaly",
 ]

@@ -356,6 +356,7 @@ REMOTE_CODE_AUTO_MAP = {
     "AutoModel": "modeling_mask2anomaly.Mask2AnomalyModel",
     "AutoModelForUniversalSegmentation": "modeling_mask2anomaly.Mask2AnomalyForUniversalSegmentation",
     "AutoModelForImageSegmentation": "modeling_mask2anomaly.Mask2AnomalyForUniversalSegmentation",
+    "AutoImageProcessor": "image_processing_mask2anomaly.Mask2AnomalyImageProcessor",
 }
 
 

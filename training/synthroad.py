@@ -1,0 +1,987 @@
+"""SynthRoad: a procedural road-scene generator for training, testing and demonstrating Mask2Anomaly on a CPU.
+
+Cityscapes, COCO and the SegmentMeIfYouCan benchmarks are large, licensed downloads that are not available on
+every machine (in particular not on the CPU-only machines this project is developed and tested on). SynthRoad
+stands in for them so that the whole method -- closed-set training, outlier exposure with pasted objects, and
+anomaly evaluation -- can run end to end anywhere, in seconds. It is a stand-in, not a benchmark: numbers
+measured on it say nothing about real road scenes.
+
+Scenes are rendered with a pinhole camera over a flat ground plane: a straight road with lane markings and
+crosswalks, sidewalks, terrain, facades (buildings with windows, walls, fences, hedges), sky, poles with
+traffic signs and lights, trees, vehicles (car, truck, bus, seen as 3-D boxes), people, riders on bicycles and
+motorcycles, cast shadows, global lighting and colour casts. Labels are Cityscapes train ids (255 void).
+
+Splits (`SPLITS`):
+
+- ``train`` / ``val``: road scenes, label = train ids (0..18, 255 void for the ego-vehicle hood).
+- ``anomaly``: RoadAnomaly21-style, 1-3 large unusual objects anywhere in the scene (animal silhouettes with fur
+  patterns, boulders with photo-like fractal texture, wood logs); label 0 = not anomaly, 1 = anomaly, 255 = void
+  (a thin border around each anomaly and the ego hood).
+- ``obstacle``: RoadObstacle21-style, 1-4 small obstacles on the road (traffic cones, cardboard boxes, tyres,
+  stones, small animals); label 0 = road, 1 = obstacle, 255 = everything off the road.
+- ``outliers``: the outlier-exposure source, an image with 1-3 objects and its binary mask (0/1). Its objects
+  are random polygons and Fourier blobs with flat, striped, checkered, dotted or gradient colours -- families
+  that never appear in ``anomaly``/``obstacle``, so a model trained with them is tested on unseen anomalies.
+
+Every item is a pure function of (seed, split, index): the same arguments give identical bytes, and an item does
+not depend on how many items are generated. Command line: ``mask2anomaly-synthroad --split train --num 100
+--seed 0 --output-dir data/synthroad/train``; Python: ``synthroad_dataset("train", 100, seed=0)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "anomaly", "obstacle", "outliers")
+# Part of every item's seed: one fixed code per split keeps splits independent of each other.
+_SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+# Bump whenever rendering changes, so that cached datasets built from an older generator are not reused.
+GENERATOR_VERSION = 1
+
+# Cityscapes train ids.
+ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, TRAFFIC_LIGHT, TRAFFIC_SIGN = 0, 1, 2, 3, 4, 5, 6, 7
+VEGETATION, TERRAIN, SKY, PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE = range(8, 19)
+VOID = 255
+# Internal label of anomalies/obstacles while rendering; turned into 1 by the anomaly and obstacle splits.
+_ANOMALY = 254
+
+MIN_SIZE = 64
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def item_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The random generator of one item: a function of (seed, split, index) only."""
+    if split not in _SPLIT_CODES:
+        raise ValueError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    return np.random.default_rng([int(seed), _SPLIT_CODES[split], int(index)])
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cell: float) -> np.ndarray:
+    """Value noise in [0, 1]: a random grid with one value every `cell` pixels, bilinearly upsampled.
+
+    Returns float32 (height, width).
+    """
+    gh, gw = int(height / cell) + 2, int(width / cell) + 2
+    grid = rng.random((gh, gw), dtype=np.float32)
+    up = Image.fromarray(grid).resize((width, height), Image.BILINEAR)
+    return np.asarray(up, dtype=np.float32)
+
+
+def _fractal_noise(rng: np.random.Generator, height: int, width: int, base_cell: float = 32.0) -> np.ndarray:
+    """Multi-octave value noise in about [0, 1], the look of natural surfaces (rock, bark). float32 (h, w)."""
+    out = np.zeros((height, width), np.float32)
+    amplitude, total, cell = 1.0, 0.0, base_cell
+    while cell >= 1.5:
+        out += amplitude * _smooth_noise(rng, height, width, cell)
+        total += amplitude
+        amplitude *= 0.55
+        cell /= 2
+    return out / total
+
+
+def _hsv_to_rgb(h: np.ndarray | float, s: np.ndarray | float, v: np.ndarray | float) -> np.ndarray:
+    """Vectorised HSV -> RGB, all in [0, 1]; returns float32 (..., 3)."""
+    h, s, v = np.broadcast_arrays(np.asarray(h, np.float32), np.asarray(s, np.float32), np.asarray(v, np.float32))
+    k = np.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], axis=-1)
+    return (v[..., None] - v[..., None] * s[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1)).astype(np.float32)
+
+
+Shape = tuple  # ("polygon", [(x, y), ...], fill) | ("ellipse", (x0, y0, x1, y1), fill) | ("rect", ..., fill)
+
+
+def _raster(shapes: Sequence[Shape], height: int, width: int) -> tuple[np.ndarray, int, int] | None:
+    """Rasterise shapes given in image coordinates into a local boolean mask clipped to the image.
+
+    Later shapes overwrite earlier ones with their fill (1 adds, 0 cuts holes). Returns (mask (h, w) bool,
+    left, top) or None when nothing lies inside the image.
+    """
+    xs: list[float] = []
+    ys: list[float] = []
+    for kind, coords, _ in shapes:
+        if kind == "polygon":
+            xs += [p[0] for p in coords]
+            ys += [p[1] for p in coords]
+        else:
+            xs += [coords[0], coords[2]]
+            ys += [coords[1], coords[3]]
+    x0, y0 = max(int(np.floor(min(xs))) - 1, 0), max(int(np.floor(min(ys))) - 1, 0)
+    x1, y1 = min(int(np.ceil(max(xs))) + 2, width), min(int(np.ceil(max(ys))) + 2, height)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    canvas = Image.new("L", (x1 - x0, y1 - y0), 0)
+    draw = ImageDraw.Draw(canvas)
+    for kind, coords, fill in shapes:
+        if kind == "polygon":
+            draw.polygon([(x - x0, y - y0) for x, y in coords], fill=fill)
+        else:
+            box = (coords[0] - x0, coords[1] - y0, coords[2] - x0, coords[3] - y0)
+            if box[2] < box[0] or box[3] < box[1]:
+                continue
+            (draw.ellipse if kind == "ellipse" else draw.rectangle)(box, fill=fill)
+    mask = np.asarray(canvas, dtype=bool)
+    return (mask, x0, y0) if mask.any() else None
+
+
+class _Canvas:
+    """Image (float32 (H, W, 3) in [0, 1]) and label (uint8 (H, W)) painted back to front."""
+
+    def __init__(self, rng: np.random.Generator, height: int, width: int):
+        self.height, self.width = height, width
+        self.image = np.zeros((height, width, 3), np.float32)
+        self.label = np.full((height, width), VOID, np.uint8)
+        # Shared noise fields give every surface a texture without per-object noise generation.
+        self.grain = rng.random((height, width), dtype=np.float32)
+        self.blotch = _smooth_noise(rng, height, width, 12.0)
+
+    def paint(self, shapes: Sequence[Shape], colour, label: int, texture: float = 0.08
+              ) -> tuple[np.ndarray, int, int] | None:
+        """Fill the shapes with `colour` ((3,) or an array of the local mask's shape + (3,)) and `label`.
+
+        `texture` scales the shared grain/blotch noise. Returns the rasterised (mask, left, top), or None when
+        the shapes lie outside the image.
+        """
+        raster = _raster(shapes, self.height, self.width)
+        if raster is None:
+            return None
+        mask, x0, y0 = raster
+        h, w = mask.shape
+        window = (slice(y0, y0 + h), slice(x0, x0 + w))
+        # Only the masked pixels are computed: most of a bounding box is usually outside the shape.
+        shade = 1.0 + texture * (self.grain[window][mask] + 1.5 * self.blotch[window][mask] - 1.25)
+        colour = np.asarray(colour, np.float32)
+        values = colour[mask] if colour.ndim == 3 else colour[None, :]
+        self.image[window][mask] = values * shade[:, None]
+        self.label[window][mask] = label
+        return raster
+
+
+@dataclass
+class _Camera:
+    """Pinhole camera `cam_height` metres above a flat ground; X right, Y up, Z forward (metres)."""
+
+    horizon: float
+    vanish_x: float
+    focal: float
+    cam_height: float
+
+    def project(self, x: float, y: float, z: float) -> tuple[float, float]:
+        return self.vanish_x + self.focal * x / z, self.horizon + self.focal * (self.cam_height - y) / z
+
+    def scale(self, z: float) -> float:
+        """Pixels per metre at depth z."""
+        return self.focal / z
+
+
+def _jitter(rng: np.random.Generator, rgb: Sequence[float], amount: float = 0.06) -> np.ndarray:
+    return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32), 0, 1)
+
+
+_CAR_COLOURS = [(0.75, 0.75, 0.78), (0.1, 0.1, 0.12), (0.55, 0.05, 0.05), (0.1, 0.2, 0.5), (0.9, 0.9, 0.9),
+                (0.4, 0.42, 0.45), (0.2, 0.35, 0.25), (0.8, 0.6, 0.1), (0.45, 0.3, 0.2)]
+_SKIN = [(0.93, 0.76, 0.62), (0.78, 0.57, 0.42), (0.55, 0.37, 0.25), (0.35, 0.22, 0.15)]
+
+
+# ----------------------------------------------------------------------------------------- the background
+@dataclass
+class _Layout:
+    road_left: float  # metres from the camera axis to the left road edge
+    road_right: float
+    walk_left: float  # sidewalk widths
+    walk_right: float
+    strip_left: float  # terrain strip between sidewalk and facade
+    strip_right: float
+    lane_width: float
+
+    @property
+    def facade_left(self) -> float:
+        return self.road_left + self.walk_left + self.strip_left
+
+    @property
+    def facade_right(self) -> float:
+        return self.road_right + self.walk_right + self.strip_right
+
+
+def _facade_segments(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Blocks along one side of the street: start depth, kind, height, colour, window pattern."""
+    starts, kinds, heights = [], [], []
+    z = rng.uniform(-5, 2)
+    while z < 400:
+        starts.append(z)
+        kind = rng.choice(["building", "wall", "fence", "vegetation", "gap"], p=[0.55, 0.1, 0.1, 0.15, 0.1])
+        kinds.append(kind)
+        heights.append({"building": rng.uniform(7, 28), "wall": rng.uniform(1.0, 2.5), "fence": rng.uniform(1.2, 2.2),
+                        "vegetation": rng.uniform(2.5, 9), "gap": 0.0}[kind])
+        z += rng.uniform(8, 35) if kind == "building" else rng.uniform(5, 20)
+    n = len(starts)
+    palette = np.array([(0.62, 0.55, 0.48), (0.7, 0.68, 0.62), (0.45, 0.38, 0.34), (0.78, 0.74, 0.66),
+                        (0.55, 0.56, 0.6), (0.72, 0.5, 0.38), (0.85, 0.82, 0.72)], np.float32)
+    colours = palette[rng.integers(len(palette), size=n)] + rng.uniform(-0.06, 0.06, (n, 3)).astype(np.float32)
+    return {
+        "start": np.asarray(starts, np.float32),
+        "kind": np.asarray(kinds),
+        "height": np.asarray(heights, np.float32),
+        "colour": np.clip(colours, 0, 1),
+        "window_w": rng.uniform(2.5, 4.5, n).astype(np.float32),
+        "window_h": rng.uniform(2.8, 3.6, n).astype(np.float32),
+        "window_duty": rng.uniform(0.35, 0.65, n).astype(np.float32),
+    }
+
+
+def _render_background(rng: np.random.Generator, canvas: _Canvas, cam: _Camera, layout: _Layout) -> None:
+    """Sky, ground (road, markings, sidewalks, terrain) and both facades.
+
+    Speed comes from separability: a ground pixel's depth depends only on its row and a facade pixel's depth
+    only on its column, so per-pixel work is a few comparisons; colours come from one palette lookup at the end.
+    """
+    h, w = canvas.height, canvas.width
+    ys = np.arange(h, dtype=np.float32) + 0.5
+    xs = np.arange(w, dtype=np.float32) + 0.5
+    palette: list[np.ndarray] = []
+    roughness: list[float] = []  # how strongly the shared noise textures each material
+
+    def material(rgb, rough: float = 0.15) -> int:
+        palette.append(np.asarray(rgb, np.float32))
+        roughness.append(rough)
+        return len(palette) - 1
+
+    sky_material = material((0, 0, 0), 0.0)  # replaced by the sky gradient below
+    asphalt = rng.uniform(0.28, 0.45)
+    road_material = material((asphalt, asphalt, asphalt * 1.04), 0.25)
+    mark_material = material((0.88, 0.88, 0.84), 0.1)
+    walk_material = material(_jitter(rng, [(0.62, 0.6, 0.57), (0.7, 0.62, 0.55), (0.55, 0.56, 0.58)][rng.integers(3)]))
+    strip_material = material(_jitter(rng, [(0.35, 0.5, 0.2), (0.5, 0.45, 0.3)][int(rng.random() < 0.3)]), 0.5)
+    glass_material = material((0.25, 0.3, 0.36), 0.6)
+    vegetation_material = material((0.2, 0.36, 0.13), 1.2)
+    mat = np.full((h, w), sky_material, np.int32)
+    shade = np.ones((h, w), np.float32)
+    label = canvas.label
+    label[:] = SKY
+
+    # Ground: rows below the horizon; depth per row, lateral position per pixel.
+    r0 = int(min(max(np.ceil(cam.horizon), 0), h))
+    ground = (slice(r0, h), slice(None))
+    z_row = cam.focal * cam.cam_height / np.maximum(ys[r0:] - cam.horizon, 0.5)  # (Hg,)
+    x_ground = (xs - cam.vanish_x)[None, :] * (z_row[:, None] / cam.focal)  # (Hg, W)
+    road = (x_ground >= -layout.road_left) & (x_ground <= layout.road_right)
+    walk = ~road & (x_ground >= -layout.road_left - layout.walk_left) & (x_ground <= layout.road_right + layout.walk_right)
+    mat[ground] = np.where(road, road_material, np.where(walk, walk_material, strip_material))
+    label[ground] = np.where(road, ROAD, np.where(walk, SIDEWALK, TERRAIN))
+    # Lane markings: solid edge lines, dashed lane separators, sometimes a crosswalk.
+    line_half = 0.075
+    marks = np.zeros_like(road)
+    for edge in (-layout.road_left + 0.3, layout.road_right - 0.3):
+        marks |= np.abs(x_ground - edge) < line_half
+    n_lanes = max(int((layout.road_left + layout.road_right) // layout.lane_width), 1)
+    dash = rng.uniform(6, 12)
+    dashed = (np.mod(z_row, dash) < dash * 0.45)[:, None]
+    for k in range(1, n_lanes):
+        x_line = -layout.road_left + k * (layout.road_left + layout.road_right) / n_lanes
+        marks |= (np.abs(x_ground - x_line) < line_half) & dashed
+    if rng.random() < 0.35:
+        z0 = rng.uniform(8, 30)
+        marks |= ((z_row > z0) & (z_row < z0 + 3.5))[:, None] & (np.mod(x_ground, 1.0) < 0.5)
+    mat[ground][marks & road] = mark_material
+    tile = rng.uniform(0.4, 0.8)
+    joints = (np.mod(x_ground, tile) < 0.04) | (np.mod(z_row, tile) < 0.04)[:, None]
+    shade[ground][walk & joints] = 0.8
+
+    # Facades: column x sees the plane X = -/+ distance at depth Z = f * distance / |x - vx|, whatever its row.
+    sun_left = rng.random() < 0.5
+    shadow_tan = rng.uniform(0.3, 1.2)
+    kind_labels = {"building": BUILDING, "wall": WALL, "fence": FENCE, "vegetation": VEGETATION, "gap": VOID}
+    split_col = int(np.clip(np.round(cam.vanish_x), 0, w))
+    for side, sign, dist, cols in (("left", -1.0, layout.facade_left, slice(0, split_col)),
+                                   ("right", 1.0, layout.facade_right, slice(split_col, w))):
+        seg = _facade_segments(rng)
+        n = len(seg["start"])
+        offset = len(palette)
+        for colour in seg["colour"]:
+            material(colour, 0.2)
+        dx = np.maximum(sign * (xs[cols] - cam.vanish_x), 0.5)
+        z_col = cam.focal * dist / dx  # (Wc,)
+        idx = np.clip(np.searchsorted(seg["start"], z_col, side="right") - 1, 0, n - 1)
+        kind = seg["kind"][idx]
+        top = seg["height"][idx]
+        y_f = cam.cam_height - (ys[:, None] - cam.horizon) * (z_col / cam.focal)[None, :]  # (H, Wc)
+        is_veg = kind == "vegetation"
+        wobble = np.where(is_veg[None, :], 1.2 * (canvas.blotch[:, cols] - 0.5), 0.0)
+        hit = (y_f >= 0) & (y_f <= top[None, :] + wobble) & (z_col < 400)[None, :]
+        col_label = np.array([kind_labels[k] for k in kind], np.uint8)
+        col_material = np.where(is_veg, vegetation_material, offset + idx)
+        mat[:, cols] = np.where(hit, col_material[None, :], mat[:, cols])
+        label[:, cols] = np.where(hit, col_label[None, :], label[:, cols])
+        # Windows on buildings: a grid in facade coordinates (depth along the street, height).
+        u = np.mod(z_col / seg["window_w"][idx], 1.0) < seg["window_duty"][idx]
+        v = np.mod(y_f / seg["window_h"][idx][None, :], 1.0)
+        windows = hit & ((kind == "building") & u)[None, :] & (v > 0.3) & (v < 0.8) & (y_f > 3.0) & (
+            y_f < top[None, :] - 1.0)
+        mat[:, cols][windows] = glass_material
+        fence_slats = np.where((kind == "fence") & (np.mod(z_col * 4.0, 1.0) < 0.5), 0.6,
+                               np.where(kind == "wall", 0.85, 1.0))
+        shade[:, cols] *= np.where(hit, fence_slats[None, :], 1.0)
+        # The facade facing away from the sun is darker; the ground beside tall blocks on the sun side lies
+        # in their cast shadow.
+        if (side == "left") != sun_left:
+            shade[:, cols] *= np.where(hit, 0.75, 1.0)
+        else:
+            row_idx = np.clip(np.searchsorted(seg["start"], z_row, side="right") - 1, 0, n - 1)
+            reach = seg["height"][row_idx] * shadow_tan  # (Hg,)
+            shadow = (sign * x_ground > (dist - reach)[:, None]) & (label[ground] != SKY)
+            shadow[:, cols] &= ~hit[r0:]
+            shade[ground] *= np.where(shadow, 0.6, 1.0)
+
+    colours = np.stack(palette)
+    texture = np.asarray(roughness, np.float32)[mat] * (canvas.grain + 1.5 * canvas.blotch - 1.25)
+    canvas.image[:] = colours[mat] * (shade * (1.0 + texture))[..., None]
+    # Sky, only above the horizon: vertical gradient with clouds from smooth noise; overcast skies are grey.
+    overcast = rng.random() < 0.35
+    sky_top = np.array([0.62, 0.64, 0.68] if overcast else [0.30, 0.50, 0.85], np.float32)
+    sky_low = np.array([0.80, 0.81, 0.83] if overcast else [0.72, 0.82, 0.95], np.float32)
+    if r0 > 0:
+        t = np.clip(ys[:r0] / max(cam.horizon, 1.0), 0, 1)[:, None, None]
+        clouds = np.clip((_smooth_noise(rng, r0, w, 40.0) - 0.45) * 2.5, 0, 1)[..., None] * rng.uniform(0.2, 0.7)
+        sky = (sky_top * (1 - t) + sky_low * t) * (1 - clouds) + 0.95 * clouds
+        is_sky = label[:r0] == SKY
+        canvas.image[:r0][is_sky] = sky[is_sky]
+
+
+# ------------------------------------------------------------------------------------------------ objects
+def _box_vehicle(canvas: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float, kind: str,
+                 oncoming: bool) -> None:
+    """A vehicle seen from behind (or the front) as a box: side face towards the camera axis, then the end face."""
+    dims = {"car": (1.8, 1.5, 4.3), "truck": (2.5, 3.4, 8.0), "bus": (2.55, 3.2, 12.0), "train": (2.6, 3.5, 25.0)}[kind]
+    width, height, length = dims[0] * rng.uniform(0.92, 1.08), dims[1] * rng.uniform(0.92, 1.1), dims[2]
+    label = {"car": CAR, "truck": TRUCK, "bus": BUS, "train": TRAIN}[kind]
+    body = _jitter(rng, _CAR_COLOURS[rng.integers(len(_CAR_COLOURS))] if kind in ("car", "truck") else
+                   [(0.85, 0.75, 0.1), (0.2, 0.4, 0.7), (0.8, 0.15, 0.1), (0.9, 0.9, 0.9)][rng.integers(4)])
+    p = cam.project
+    half = width / 2
+    # Soft shadow on the ground below the vehicle.
+    sx0, sy = p(x - half * 1.15, 0, z)
+    sx1, _ = p(x + half * 1.15, 0, z)
+    _, sy_far = p(x, 0, z + length)
+    shadow = _raster([("ellipse", (sx0, sy_far, sx1, sy + 0.15 * cam.scale(z)), 1)], canvas.height, canvas.width)
+    if shadow is not None:
+        mask, x0, y0 = shadow
+        canvas.image[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]][mask] *= 0.45
+    side_x = x - half if x > 0 else x + half
+    wheel = np.array([0.06, 0.06, 0.07], np.float32)
+    if abs(side_x) > 0.3:
+        quad = [p(side_x, 0.3, z), p(side_x, height, z), p(side_x, height, z + length), p(side_x, 0.3, z + length)]
+        canvas.paint([("polygon", quad, 1)], body * 0.8, label)
+        band_lo, band_hi = (0.55, 0.85) if kind == "car" else (0.55, 0.8)
+        if kind != "truck":
+            y0w, y1w = height * band_lo + 0.2, height * band_hi
+            canvas.paint([("polygon", [p(side_x, y0w, z + 0.5), p(side_x, y1w, z + 0.7),
+                                       p(side_x, y1w, z + length - 0.7), p(side_x, y0w, z + length - 0.5)], 1)],
+                         np.array([0.12, 0.15, 0.2], np.float32), label)
+        for axle in (0.8, length - 1.0) if kind == "car" else (1.3, length - 2.0):
+            cx, cy = p(side_x, 0.35, z + axle)
+            r = 0.36 * cam.scale(z + axle)
+            canvas.paint([("ellipse", (cx - r * 0.5, cy - r, cx + r * 0.5, cy + r), 1)], wheel, label)
+    # End face.
+    left_b, top_b = p(x - half, height, z)
+    right_b, bottom_b = p(x + half, 0.25, z)
+    if kind == "car":
+        _, waist = p(x, 0.95, z)
+        roof_l, roof_t = p(x - half * 0.8, height, z)
+        roof_r, _ = p(x + half * 0.8, height, z)
+        canvas.paint([("rect", (left_b, waist, right_b, bottom_b), 1),
+                      ("polygon", [(left_b, waist), (roof_l, roof_t), (roof_r, roof_t), (right_b, waist)], 1)],
+                     body, label)
+        gl, gt = p(x - half * 0.7, height - 0.08, z)
+        gr, gb = p(x + half * 0.82, 1.0, z)
+        canvas.paint([("polygon", [(gl, gb), (gl + (gr - gl) * 0.06, gt), (gr - (gr - gl) * 0.06, gt), (gr, gb)], 1)],
+                     np.array([0.15, 0.18, 0.22], np.float32), label)
+    else:
+        canvas.paint([("rect", (left_b, top_b, right_b, bottom_b), 1)], body, label)
+        if kind in ("bus", "train"):
+            gl, gt = p(x - half * 0.85, height - 0.3, z)
+            gr, gb = p(x + half * 0.85, 1.6, z)
+            canvas.paint([("rect", (gl, gt, gr, gb), 1)], np.array([0.12, 0.15, 0.2], np.float32), label)
+        else:  # the cargo doors' seam and a bumper
+            cx, _ = p(x, 0, z)
+            canvas.paint([("rect", (cx - 0.5, top_b + 2, cx + 0.5, bottom_b - 2), 1)], body * 0.6, label)
+    lamp = np.array([0.95, 0.95, 0.85] if oncoming else [0.85, 0.05, 0.05], np.float32)
+    for sx in (-1, 1):
+        lx, ly = p(x + sx * (half - 0.2), 0.75, z)
+        r = 0.12 * cam.scale(z)
+        canvas.paint([("rect", (lx - r, ly - r * 0.7, lx + r, ly + r * 0.7), 1)], lamp, label, texture=0.0)
+        wx0, wy0 = p(x + sx * (half - 0.45), 0.35, z)
+        wx1, wy1 = p(x + sx * (half - 0.05), 0.0, z)
+        canvas.paint([("rect", (min(wx0, wx1), wy0, max(wx0, wx1), wy1), 1)], wheel, label)
+    bx0, by0 = p(x - half, 0.45, z)
+    bx1, by1 = p(x + half, 0.25, z)
+    canvas.paint([("rect", (bx0, by0, bx1, by1), 1)], body * 0.5, label)
+
+
+def _person(canvas: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float, base: float = 0.0,
+            label: int = PERSON, seated: bool = False) -> None:
+    """A pedestrian (or, seated, a rider's body) standing on height `base`; parts in world metres."""
+    s = cam.scale(z)
+    tall = rng.uniform(1.55, 1.9)
+    cx, foot = cam.project(x, base, z)
+    hip = foot - (0.25 if seated else 0.48) * tall * s
+    shirt = _jitter(rng, [(0.7, 0.1, 0.1), (0.1, 0.2, 0.5), (0.9, 0.9, 0.88), (0.15, 0.15, 0.15), (0.3, 0.5, 0.3),
+                          (0.85, 0.7, 0.2)][rng.integers(6)], 0.1)
+    trousers = _jitter(rng, [(0.1, 0.12, 0.25), (0.2, 0.2, 0.2), (0.45, 0.38, 0.3)][rng.integers(3)])
+    skin = _jitter(rng, _SKIN[rng.integers(len(_SKIN))], 0.03)
+    hw = 0.2 * s
+    stride = rng.uniform(0, 0.12) * s
+    if not seated:
+        canvas.paint([("polygon", [(cx - hw, hip), (cx - 0.02 * s, hip), (cx - stride, foot), (cx - stride - 0.1 * s, foot)], 1),
+                      ("polygon", [(cx + 0.02 * s, hip), (cx + hw, hip), (cx + stride + 0.1 * s, foot), (cx + stride, foot)], 1)],
+                     trousers, label)
+    else:
+        canvas.paint([("rect", (cx - hw, hip, cx + hw, hip + 0.35 * s), 1)], trousers, label)
+    shoulder = hip - 0.32 * tall * s
+    canvas.paint([("polygon", [(cx - hw * 1.1, shoulder), (cx + hw * 1.1, shoulder), (cx + hw, hip + 0.05 * s),
+                               (cx - hw, hip + 0.05 * s)], 1),
+                  ("rect", (cx - hw * 1.45, shoulder + 0.03 * s, cx - hw * 1.05, hip - 0.02 * s), 1),
+                  ("rect", (cx + hw * 1.05, shoulder + 0.03 * s, cx + hw * 1.45, hip - 0.02 * s), 1)], shirt, label)
+    head = 0.11 * s
+    canvas.paint([("ellipse", (cx - head, shoulder - 2.3 * head, cx + head, shoulder - 0.1 * head), 1)], skin, label)
+    hair = _jitter(rng, [(0.1, 0.07, 0.05), (0.35, 0.25, 0.12), (0.6, 0.5, 0.3), (0.5, 0.5, 0.5)][rng.integers(4)])
+    canvas.paint([("ellipse", (cx - head * 1.05, shoulder - 2.4 * head, cx + head * 1.05, shoulder - 1.5 * head), 1)],
+                 hair, label)
+
+
+def _two_wheeler(canvas: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float, motor: bool) -> None:
+    """A bicycle or motorcycle crossing the view (side view) with its rider."""
+    s = cam.scale(z)
+    label = MOTORCYCLE if motor else BICYCLE
+    cx, ground = cam.project(x, 0, z)
+    r = (0.32 if motor else 0.34) * s
+    gap = (0.75 if motor else 0.55) * s
+    dark = np.array([0.08, 0.08, 0.08], np.float32)
+    thick = max(r * 0.18, 1.0)
+    wheels = []
+    for wx in (cx - gap, cx + gap):
+        wheels += [("ellipse", (wx - r, ground - 2 * r, wx + r, ground), 1)]
+        if not motor:
+            wheels += [("ellipse", (wx - r + thick, ground - 2 * r + thick, wx + r - thick, ground - thick), 0)]
+    canvas.paint(wheels, dark, label, texture=0.0)
+    frame = _jitter(rng, [(0.7, 0.1, 0.1), (0.1, 0.3, 0.7), (0.2, 0.2, 0.2), (0.85, 0.85, 0.85)][rng.integers(4)])
+    if motor:
+        canvas.paint([("polygon", [(cx - gap * 0.8, ground - 1.6 * r), (cx + gap * 0.9, ground - 2.2 * r),
+                                   (cx + gap * 0.7, ground - 1.2 * r), (cx - gap * 0.6, ground - 0.9 * r)], 1)],
+                     frame, label)
+    else:
+        tw = max(0.04 * s, 1.0)
+        hub_l, hub_r, seat = (cx - gap, ground - r), (cx + gap, ground - r), (cx - 0.1 * s, ground - 2.6 * r)
+        bar = (cx + gap * 0.85, ground - 2.8 * r)
+        tube = [("polygon", [(a[0], a[1] - tw), (b[0], b[1] - tw), (b[0], b[1] + tw), (a[0], a[1] + tw)], 1)
+                for a, b in ((hub_l, seat), (seat, bar), (bar, hub_r), (seat, (cx, ground - r)), ((cx, ground - r), bar),
+                             (hub_l, (cx, ground - r)))]
+        canvas.paint(tube, frame, label, texture=0.0)
+    _person(canvas, cam, rng, x - 0.1, z, base=(0.85 if motor else 0.9) - 0.35, label=RIDER, seated=True)
+
+
+def _pole(canvas: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float) -> None:
+    """A pole, possibly carrying a traffic sign or a traffic light (their own labels)."""
+    height = rng.uniform(3.0, 7.0)
+    s = cam.scale(z)
+    px, ground = cam.project(x, 0, z)
+    _, top = cam.project(x, height, z)
+    half = max(0.07 * s, 0.6)
+    grey = _jitter(rng, (0.45, 0.46, 0.48), 0.08)
+    canvas.paint([("rect", (px - half, top, px + half, ground), 1)], grey, POLE)
+    kind = rng.choice(["none", "sign", "light"], p=[0.35, 0.4, 0.25])
+    if kind == "sign":
+        sy = top + 0.45 * s
+        size = rng.uniform(0.3, 0.45) * s
+        shape = rng.integers(3)
+        if shape == 0:  # prohibition: red ring on white
+            canvas.paint([("ellipse", (px - size, sy - size, px + size, sy + size), 1)],
+                         np.array([0.8, 0.1, 0.1], np.float32), TRAFFIC_SIGN, texture=0.02)
+            canvas.paint([("ellipse", (px - size * 0.7, sy - size * 0.7, px + size * 0.7, sy + size * 0.7), 1)],
+                         np.array([0.93, 0.93, 0.93], np.float32), TRAFFIC_SIGN, texture=0.02)
+        elif shape == 1:  # warning triangle
+            canvas.paint([("polygon", [(px, sy - size), (px + size, sy + size * 0.8), (px - size, sy + size * 0.8)], 1)],
+                         np.array([0.85, 0.1, 0.1], np.float32), TRAFFIC_SIGN, texture=0.02)
+            canvas.paint([("polygon", [(px, sy - size * 0.5), (px + size * 0.6, sy + size * 0.55),
+                                       (px - size * 0.6, sy + size * 0.55)], 1)],
+                         np.array([0.95, 0.9, 0.75], np.float32), TRAFFIC_SIGN, texture=0.02)
+        else:  # blue information board
+            canvas.paint([("rect", (px - size, sy - size * 0.8, px + size, sy + size * 0.8), 1)],
+                         np.array([0.1, 0.3, 0.75], np.float32), TRAFFIC_SIGN, texture=0.02)
+            canvas.paint([("rect", (px - size * 0.3, sy - size * 0.5, px + size * 0.3, sy + size * 0.5), 1)],
+                         np.array([0.95, 0.95, 0.95], np.float32), TRAFFIC_SIGN, texture=0.02)
+    elif kind == "light":
+        bw, bh = 0.18 * s, 0.5 * s
+        ly = top + bh + 0.05 * s
+        canvas.paint([("rect", (px - bw, ly - bh, px + bw, ly + bh), 1)], np.array([0.12, 0.12, 0.1], np.float32),
+                     TRAFFIC_LIGHT, texture=0.02)
+        lit = rng.integers(3)
+        for i, colour in enumerate([(0.95, 0.15, 0.1), (0.95, 0.7, 0.1), (0.2, 0.9, 0.3)]):
+            cy = ly - bh + (2 * i + 1) * bh / 3
+            lamp = np.asarray(colour, np.float32) * (1.0 if i == lit else 0.25)
+            canvas.paint([("ellipse", (px - bw * 0.6, cy - bw * 0.6, px + bw * 0.6, cy + bw * 0.6), 1)], lamp,
+                         TRAFFIC_LIGHT, texture=0.0)
+
+
+def _tree(canvas: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float) -> None:
+    """A tree (trunk and a crown of overlapping ellipses); Cityscapes labels both vegetation."""
+    s = cam.scale(z)
+    height = rng.uniform(4, 9)
+    tx, ground = cam.project(x, 0, z)
+    _, top = cam.project(x, height, z)
+    trunk = max(0.15 * s, 0.7)
+    canvas.paint([("rect", (tx - trunk, top + (ground - top) * 0.4, tx + trunk, ground), 1)],
+                 _jitter(rng, (0.3, 0.22, 0.15)), VEGETATION)
+    radius = rng.uniform(1.5, 3.0) * s
+    blobs = []
+    for _ in range(6):
+        bx = tx + rng.uniform(-0.7, 0.7) * radius
+        by = top + radius * 0.9 + rng.uniform(-0.5, 0.6) * radius
+        br = radius * rng.uniform(0.45, 0.75)
+        blobs.append(("ellipse", (bx - br, by - br, bx + br, by + br), 1))
+    canvas.paint(blobs, _jitter(rng, (0.2, 0.38, 0.14), 0.07), VEGETATION, texture=0.5)
+
+
+def _ego_hood(canvas: _Canvas, rng: np.random.Generator) -> None:
+    """The ego vehicle's bonnet at the bottom of the image, void as in Cityscapes."""
+    h, w = canvas.height, canvas.width
+    rise = rng.uniform(0.06, 0.12) * h
+    pts = [(0, h), (0, h - rise * 0.4)] + [
+        (w * t, h - rise * (0.4 + 0.6 * np.sin(np.pi * t))) for t in np.linspace(0.05, 0.95, 12)] + [
+        (w, h - rise * 0.4), (w, h)]
+    canvas.paint([("polygon", pts, 1)], _jitter(rng, (0.12, 0.12, 0.14), 0.05), VOID, texture=0.3)
+
+
+# ----------------------------------------------------------------------------- anomalies and obstacles
+def _texture(rng: np.random.Generator, kind: str, h: int, w: int) -> np.ndarray:
+    """Natural-looking surface textures of the test anomalies, float32 (h, w, 3).
+
+    Deliberately not the flat/striped/checkered colours of the outlier-exposure objects.
+    """
+    if kind == "fur":
+        base = _jitter(rng, [(0.45, 0.3, 0.18), (0.15, 0.12, 0.1), (0.85, 0.82, 0.75), (0.6, 0.45, 0.25)]
+                       [rng.integers(4)], 0.05)
+        fine = _fractal_noise(rng, h, w, 8.0)
+        out = base * (0.75 + 0.5 * fine)[..., None]
+        if rng.random() < 0.5:  # patches, as on cows or dalmatians
+            spots = _smooth_noise(rng, h, w, rng.uniform(5, 12)) > 0.6
+            out[spots] = _jitter(rng, [(0.08, 0.07, 0.06), (0.9, 0.88, 0.82)][rng.integers(2)]) * (
+                0.8 + 0.3 * fine[spots])[:, None]
+        return out
+    if kind == "rock":
+        base = _jitter(rng, [(0.5, 0.47, 0.43), (0.42, 0.36, 0.3), (0.6, 0.58, 0.55)][rng.integers(3)], 0.05)
+        return base * (0.45 + 0.9 * _fractal_noise(rng, h, w, 24.0))[..., None]
+    if kind == "wood":
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        warp = _fractal_noise(rng, h, w, 16.0) * rng.uniform(6, 14)
+        rings = 0.5 + 0.5 * np.sin(yy * rng.uniform(0.4, 0.9) + warp)
+        return _jitter(rng, (0.5, 0.33, 0.18), 0.05) * (0.7 + 0.4 * rings)[..., None]
+    raise ValueError(f"unknown texture {kind!r}")
+
+
+def _paint_textured(canvas: _Canvas, rng: np.random.Generator, shapes: Sequence[Shape], kind: str) -> np.ndarray | None:
+    raster = _raster(shapes, canvas.height, canvas.width)
+    if raster is None:
+        return None
+    mask = raster[0]
+    return canvas.paint(shapes, _texture(rng, kind, *mask.shape), _ANOMALY, texture=0.0)
+
+
+def _animal(canvas: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float, size: float) -> None:
+    """A quadruped in side view: body, neck, head, ears, four legs, tail; fur texture."""
+    s = cam.scale(z) * size
+    cx, ground = cam.project(x, 0, z)
+    facing = 1 if rng.random() < 0.5 else -1
+    leg = rng.uniform(0.35, 0.6)
+    body_l, body_h = rng.uniform(1.0, 1.6), rng.uniform(0.45, 0.7)
+    top = ground - (leg + body_h) * s
+    shapes = [("ellipse", (cx - body_l / 2 * s, top, cx + body_l / 2 * s, ground - leg * s + 0.1 * s), 1)]
+    for lx in (-0.38, -0.25, 0.25, 0.38):
+        lx_p = cx + lx * body_l * s
+        shapes.append(("polygon", [(lx_p - 0.06 * s, ground - leg * s - 0.05 * s), (lx_p + 0.06 * s, ground - leg * s - 0.05 * s),
+                                   (lx_p + 0.045 * s, ground), (lx_p - 0.045 * s, ground)], 1))
+    nx = cx + facing * body_l * 0.42 * s
+    neck_top = top - rng.uniform(0.15, 0.5) * s
+    hx = nx + facing * 0.2 * s
+    shapes.append(("polygon", [(nx - facing * 0.12 * s, top + 0.2 * s), (nx + facing * 0.1 * s, top + 0.25 * s),
+                               (hx + facing * 0.05 * s, neck_top + 0.1 * s), (hx - facing * 0.12 * s, neck_top)], 1))
+    head = rng.uniform(0.14, 0.22) * s
+    shapes.append(("ellipse", (hx - head * (1.0 - facing * 0.4), neck_top - head * 0.7, hx + head * (1.0 + facing * 0.4),
+                               neck_top + head * 0.9), 1))
+    shapes.append(("polygon", [(hx - 0.05 * s, neck_top - head * 0.5), (hx - 0.12 * s, neck_top - head * 1.6),
+                               (hx + 0.02 * s, neck_top - head * 0.6)], 1))
+    tx = cx - facing * body_l * 0.5 * s
+    shapes.append(("polygon", [(tx, top + 0.12 * s), (tx - facing * 0.08 * s, top + 0.1 * s),
+                               (tx - facing * 0.14 * s, ground - leg * s * 0.8), (tx - facing * 0.09 * s, ground - leg * s * 0.8)], 1))
+    _paint_textured(canvas, rng, shapes, "fur")
+
+
+def _blob_outline(rng: np.random.Generator, cx: float, cy: float, rx: float, ry: float, flat_bottom: bool,
+                  roughness: float = 0.15) -> list[tuple[float, float]]:
+    """A rounded irregular outline (boulder/stone), optionally resting on a flat base."""
+    theta = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    r = 1 + sum(rng.uniform(-roughness, roughness) / k * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+                for k in range(2, 7))
+    xs, ys = cx + rx * r * np.cos(theta), cy + ry * r * np.sin(theta)
+    if flat_bottom:
+        ys = np.minimum(ys, cy + ry * 0.6)
+    return list(zip(xs.tolist(), ys.tolist()))
+
+
+def _rock(canvas: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float, size: float) -> None:
+    s = cam.scale(z) * size
+    cx, ground = cam.project(x, 0, z)
+    rx, ry = rng.uniform(0.5, 0.8) * s, rng.uniform(0.3, 0.5) * s
+    _paint_textured(canvas, rng, [("polygon", _blob_outline(rng, cx, ground - ry * 0.6, rx, ry, True), 1)], "rock")
+
+
+def _log(canvas: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float, size: float) -> None:
+    """A lying tree trunk: a long slanted bar with a round cut end."""
+    s = cam.scale(z) * size
+    cx, ground = cam.project(x, 0, z)
+    length, radius = rng.uniform(1.2, 2.0) * s, rng.uniform(0.12, 0.22) * s
+    slope = rng.uniform(-0.2, 0.2) * length
+    body = [(cx - length / 2, ground - 2 * radius - slope / 2), (cx + length / 2, ground - 2 * radius + slope / 2),
+            (cx + length / 2, ground + slope / 2), (cx - length / 2, ground - slope / 2)]
+    end_x, end_y = cx + length / 2, ground - radius + slope / 2
+    _paint_textured(canvas, rng, [("polygon", body, 1),
+                                  ("ellipse", (end_x - radius * 0.6, end_y - radius, end_x + radius * 0.6, end_y + radius), 1)],
+                    "wood")
+
+
+def _cone(canvas: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float, size: float) -> None:
+    s = cam.scale(z) * size
+    cx, ground = cam.project(x, 0, z)
+    height = rng.uniform(0.5, 0.8) * s
+    base = 0.2 * s
+    orange = _jitter(rng, (0.95, 0.4, 0.05), 0.04)
+    canvas.paint([("rect", (cx - base * 1.4, ground - 0.05 * s, cx + base * 1.4, ground), 1),
+                  ("polygon", [(cx - base, ground - 0.05 * s), (cx - 0.03 * s, ground - height),
+                               (cx + 0.03 * s, ground - height), (cx + base, ground - 0.05 * s)], 1)], orange, _ANOMALY)
+    for frac in (0.35, 0.6):  # reflective white bands
+        y0, y1 = ground - height * (frac + 0.1), ground - height * frac
+        half0, half1 = base * (1 - frac - 0.1) + 0.03 * s, base * (1 - frac) + 0.03 * s
+        canvas.paint([("polygon", [(cx - half1, y1), (cx - half0, y0), (cx + half0, y0), (cx + half1, y1)], 1)],
+                     np.array([0.95, 0.95, 0.95], np.float32), _ANOMALY, texture=0.03)
+
+
+def _cardboard_box(canvas: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float, size: float) -> None:
+    """A cuboid box: front, top and side faces in shaded cardboard with a tape strip."""
+    w, h, d = (rng.uniform(0.3, 0.7) * size for _ in range(3))
+    p = cam.project
+    tan = _jitter(rng, (0.72, 0.55, 0.35), 0.05)
+    side_x = x + w / 2 if x < 0 else x - w / 2
+    canvas.paint([("polygon", [p(side_x, 0, z), p(side_x, h, z), p(side_x, h, z + d), p(side_x, 0, z + d)], 1)],
+                 tan * 0.7, _ANOMALY)
+    canvas.paint([("polygon", [p(x - w / 2, h, z), p(x + w / 2, h, z), p(x + w / 2, h, z + d), p(x - w / 2, h, z + d)], 1)],
+                 tan * 1.15, _ANOMALY)
+    front = [p(x - w / 2, 0, z), p(x - w / 2, h, z), p(x + w / 2, h, z), p(x + w / 2, 0, z)]
+    canvas.paint([("polygon", front, 1)], tan, _ANOMALY)
+    tx0, ty0 = p(x - 0.04, h, z)
+    tx1, ty1 = p(x + 0.04, 0, z)
+    canvas.paint([("rect", (tx0, ty0, tx1, ty1), 1)], np.array([0.8, 0.75, 0.6], np.float32), _ANOMALY)
+
+
+def _tyre(canvas: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float, size: float) -> None:
+    """A tyre standing upright (ring seen at an angle) or lying flat (flattened ring)."""
+    s = cam.scale(z) * size
+    cx, ground = cam.project(x, 0, z)
+    r = rng.uniform(0.3, 0.4) * s
+    squash = rng.uniform(0.45, 0.9) if rng.random() < 0.6 else rng.uniform(0.15, 0.3)
+    cy = ground - r if squash > 0.4 else ground - r * squash
+    rx, ry = (r * squash, r) if squash > 0.4 else (r, r * squash)
+    inner = 0.55
+    rubber = np.array([0.07, 0.07, 0.08], np.float32) * rng.uniform(0.8, 1.5)
+    canvas.paint([("ellipse", (cx - rx, cy - ry, cx + rx, cy + ry), 1),
+                  ("ellipse", (cx - rx * inner, cy - ry * inner, cx + rx * inner, cy + ry * inner), 0)], rubber,
+                 _ANOMALY, texture=0.4)
+
+
+_ANOMALY_PAINTERS: dict[str, Callable[..., None]] = {"animal": _animal, "rock": _rock, "log": _log}
+_OBSTACLE_PAINTERS: dict[str, Callable[..., None]] = {
+    "cone": _cone, "box": _cardboard_box, "tyre": _tyre, "rock": _rock, "animal": _animal}
+
+
+# ------------------------------------------------------------------------------------------- the scenes
+def render_scene(rng: np.random.Generator, height: int, width: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Render one road scene of a road split ("train", "val", "anomaly" or "obstacle").
+
+    Returns image uint8 (height, width, 3) RGB and label uint8 (height, width): train ids for train/val,
+    0/1/255 for anomaly/obstacle (see the module docstring).
+    """
+    if split not in ("train", "val", "anomaly", "obstacle"):
+        raise ValueError(f"render_scene renders road splits (train, val, anomaly, obstacle), not {split!r}")
+    canvas = _Canvas(rng, height, width)
+    cam = _Camera(horizon=height * rng.uniform(0.36, 0.5), vanish_x=width * rng.uniform(0.42, 0.58),
+                  focal=width * rng.uniform(0.7, 0.95), cam_height=rng.uniform(1.3, 1.7))
+    layout = _Layout(road_left=rng.uniform(3, 9), road_right=rng.uniform(3, 9), walk_left=rng.uniform(1.5, 4),
+                     walk_right=rng.uniform(1.5, 4), strip_left=rng.uniform(0, 5) * (rng.random() < 0.5),
+                     strip_right=rng.uniform(0, 5) * (rng.random() < 0.5), lane_width=rng.uniform(3.0, 3.6))
+    _render_background(rng, canvas, cam, layout)
+
+    # Everything standing on the ground, drawn far to near (painter's algorithm).
+    things: list[tuple[float, Callable[[], None]]] = []
+
+    def add(z: float, fn: Callable, *args) -> None:
+        things.append((z, lambda: fn(canvas, cam, rng, *args)))
+
+    traffic = 0.4 if split == "obstacle" else 1.0
+    # RoadAnomaly21 anomalies are prominent: keep road users behind them rather than in front.
+    near = 18.0 if split == "anomaly" else 0.0
+    for _ in range(rng.poisson(4 * traffic)):
+        x = rng.uniform(-layout.road_left + 1.2, layout.road_right - 1.2)
+        z = rng.uniform(max(7, near), 80)
+        kind = rng.choice(["car", "truck", "bus", "train"], p=[0.73, 0.15, 0.09, 0.03])  # "train": a tram
+        add(z, _box_vehicle, x, z, kind, bool(x < 0 and rng.random() < 0.6))
+    for side, x_edge in ((-1, layout.road_left), (1, layout.road_right)):
+        for _ in range(rng.poisson(1.5 * traffic)):  # parked at the kerb
+            z = rng.uniform(max(6, near), 60)
+            add(z, _box_vehicle, side * (x_edge - 1.1), z, "car", False)
+    for _ in range(rng.poisson(3)):
+        side = rng.choice([-1, 1])
+        lo, walk = (layout.road_left, layout.walk_left) if side < 0 else (layout.road_right, layout.walk_right)
+        x = side * (lo + rng.uniform(0.4, walk - 0.3))
+        if rng.random() < 0.15:  # crossing the road
+            x = rng.uniform(-layout.road_left, layout.road_right)
+        z = rng.uniform(max(4, near), 50)
+        add(z, _person, x, z)
+    for _ in range(rng.poisson(0.8 * traffic)):
+        x = rng.uniform(-layout.road_left + 1, layout.road_right - 1)
+        z = rng.uniform(max(6, near), 40)
+        add(z, _two_wheeler, x, z, bool(rng.random() < 0.4))
+    for side, x_edge in ((-1, layout.road_left), (1, layout.road_right)):
+        z = rng.uniform(3, 15)
+        while z < 120:
+            add(z, _pole, side * (x_edge + 0.4), z)
+            z += rng.uniform(12, 35)
+        strip = layout.strip_left if side < 0 else layout.strip_right
+        walk = layout.walk_left if side < 0 else layout.walk_right
+        if strip > 1.0 or rng.random() < 0.5:
+            z = rng.uniform(4, 20)
+            x_tree = x_edge + walk + strip / 2 if strip > 1.0 else x_edge + walk - 0.6
+            while z < 120:
+                add(z, _tree, side * x_tree, z)
+                z += rng.uniform(8, 25)
+
+    if split == "anomaly":
+        for _ in range(rng.integers(1, 4)):
+            kind = rng.choice(list(_ANOMALY_PAINTERS), p=[0.5, 0.3, 0.2])
+            z = rng.uniform(5, 22)
+            x = rng.uniform(-layout.road_left - layout.walk_left, layout.road_right + layout.walk_right)
+            add(z - 0.01, _ANOMALY_PAINTERS[kind], x, z, rng.uniform(1.2, 2.5))
+    elif split == "obstacle":
+        for _ in range(rng.integers(1, 5)):
+            kind = rng.choice(list(_OBSTACLE_PAINTERS), p=[0.3, 0.25, 0.2, 0.15, 0.1])
+            z = rng.uniform(4, 35)
+            x = rng.uniform(-layout.road_left + 0.5, layout.road_right - 0.5)
+            size = 0.5 if kind == "animal" else rng.uniform(0.7, 1.3)
+            add(z - 0.01, _OBSTACLE_PAINTERS[kind], x, z, size)
+
+    for _, draw in sorted(things, key=lambda t: -t[0]):
+        draw()
+    if rng.random() < 0.5:
+        _ego_hood(canvas, rng)
+
+    # Global lighting: brightness, colour cast and sensor noise.
+    gain = (rng.uniform(0.7, 1.2) * (1 + rng.uniform(-0.08, 0.08, 3)) * 255).astype(np.float32)
+    image = canvas.image
+    image *= gain
+    image += canvas.grain[..., None] * 10.0 - 4.5  # sensor noise, +0.5 rounds the conversion below
+    np.clip(image, 0, 255, out=image)
+    image = image.astype(np.uint8)
+    return image, _split_label(canvas.label, split)
+
+
+def _split_label(label: np.ndarray, split: str) -> np.ndarray:
+    """Turn the rendered label (train ids, 254 anomaly, 255 void) into the split's label convention."""
+    if split in ("train", "val"):
+        return label
+    anomaly = label == _ANOMALY
+    if split == "anomaly":
+        out = np.where(anomaly, 1, 0).astype(np.uint8)
+        # Void a one-pixel ring around each anomaly, as RoadAnomaly21 leaves object borders unlabelled.
+        grown = anomaly.copy()
+        grown[1:] |= anomaly[:-1]
+        grown[:-1] |= anomaly[1:]
+        grown[:, 1:] |= anomaly[:, :-1]
+        grown[:, :-1] |= anomaly[:, 1:]
+        out[grown & ~anomaly] = VOID
+        out[label == VOID] = VOID
+        return out
+    out = np.full(label.shape, VOID, np.uint8)
+    out[label == ROAD] = 0
+    out[anomaly] = 1
+    return out
+
+
+def render_outliers(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """An outlier-exposure item: 1-3 random polygons/blobs with synthetic textures on a random background.
+
+    Returns image uint8 (height, width, 3) and mask uint8 (height, width) with 1 on object pixels, 0 elsewhere.
+    """
+    bg = _hsv_to_rgb(rng.random(), rng.uniform(0, 0.4), rng.uniform(0.2, 0.8))
+    image = bg * (0.8 + 0.4 * _smooth_noise(rng, height, width, 32.0))[..., None]
+    mask = np.zeros((height, width), bool)
+    wanted = rng.integers(1, 4)
+    # Keep adding shapes until `wanted` are drawn and they cover at least 1% (thin slivers are useless).
+    for attempt in range(8):
+        if attempt >= wanted and mask.mean() >= 0.01:
+            break
+        cx, cy = rng.uniform(0.15, 0.85) * width, rng.uniform(0.15, 0.85) * height
+        radius = rng.uniform(0.12, 0.35) * min(height, width)
+        n = rng.integers(3, 10) if rng.random() < 0.5 else 40
+        theta = np.sort(rng.uniform(0, 2 * np.pi, n)) if n < 40 else np.linspace(0, 2 * np.pi, n, endpoint=False)
+        if n < 40:  # star-shaped random polygon
+            r = radius * rng.uniform(0.5, 1.0, n)
+        else:  # Fourier blob
+            r = radius * (1 + sum(rng.uniform(-0.35, 0.35) * np.cos(k * theta + rng.uniform(0, 6.3)) for k in (2, 3, 5)))
+        pts = list(zip((cx + r * np.cos(theta)).tolist(), (cy + r * np.sin(theta) * rng.uniform(0.5, 1.5)).tolist()))
+        raster = _raster([("polygon", pts, 1)], height, width)
+        if raster is None:
+            continue
+        local, x0, y0 = raster
+        h, w = local.shape
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        c1 = _hsv_to_rgb(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+        c2 = _hsv_to_rgb(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.3, 1.0))
+        style = rng.integers(5)
+        angle = rng.uniform(0, np.pi)
+        u = xx * np.cos(angle) + yy * np.sin(angle)
+        period = rng.uniform(4, 16)
+        if style == 0:
+            t = np.zeros_like(u)
+        elif style == 1:  # stripes
+            t = (np.mod(u, period) < period / 2).astype(np.float32)
+        elif style == 2:  # checkerboard
+            t = ((np.floor(xx / period) + np.floor(yy / period)) % 2).astype(np.float32)
+        elif style == 3:  # linear gradient
+            t = (u - u.min()) / max(float(np.ptp(u)), 1.0)
+        else:  # dots
+            t = ((np.mod(xx, period) - period / 2) ** 2 + (np.mod(yy, period) - period / 2) ** 2 < (period / 3) ** 2)
+            t = t.astype(np.float32)
+        texture = c1 * (1 - t[..., None]) + c2 * t[..., None]
+        window = image[y0 : y0 + h, x0 : x0 + w]
+        window[local] = texture[local]
+        mask[y0 : y0 + h, x0 : x0 + w] |= local
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mask.astype(np.uint8)
+
+
+def generate_item(split: str, index: int, seed: int = 0, height: int = 256, width: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Item `index` of `split` for `seed`: image uint8 (height, width, 3) and label uint8 (height, width)."""
+    if height < MIN_SIZE or width < MIN_SIZE:
+        raise ValueError(f"height and width must be >= {MIN_SIZE}, got {height}x{width}")
+    rng = item_rng(seed, split, index)
+    if split == "outliers":
+        return render_outliers(rng, height, width)
+    return render_scene(rng, height, width, split)
+
+
+def item_stem(split: str, index: int) -> str:
+    """File stem of item `index`, shared by its image and label files."""
+    return f"synthroad_{split}_{index:06d}"
+
+
+def iter_items(split: str, num: int, seed: int = 0, height: int = 256, width: int = 512
+               ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Yield (stem, image, label) for items 0..num-1."""
+    for index in range(num):
+        image, label = generate_item(split, index, seed, height, width)
+        yield item_stem(split, index), image, label
+
+
+def _synthroad_generator(split: str, num: int, seed: int, height: int, width: int) -> Iterator[dict]:
+    for _, image, label in iter_items(split, num, seed, height, width):
+        yield {"image": Image.fromarray(image), "label": Image.fromarray(label)}
+
+
+def synthroad_dataset(split: str, num: int, seed: int = 0, height: int = 256, width: int = 512,
+                      cache_dir: str | None = None):
+    """SynthRoad `split` as a `datasets.Dataset` with `Image` features ``image`` (RGB) and ``label`` (L).
+
+    Items equal those written by the command line for the same arguments. The dataset is cached by
+    `datasets` under a fingerprint of the arguments and `GENERATOR_VERSION`.
+    """
+    import datasets
+
+    _check_arguments(split, num, seed, height, width)
+    key = f"synthroad-v{GENERATOR_VERSION}-{split}-{num}-{seed}-{height}x{width}"
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    return datasets.Dataset.from_generator(
+        _synthroad_generator, features=features, cache_dir=cache_dir, fingerprint=fingerprint,
+        gen_kwargs={"split": split, "num": num, "seed": seed, "height": height, "width": width})
+
+
+# -------------------------------------------------------------------------------------------- command line
+def _check_arguments(split: str, num: int, seed: int, height: int, width: int) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    if num < 1:
+        raise ValueError(f"num={num}: expected at least 1 item")
+    if seed < 0:
+        raise ValueError(f"seed={seed}: expected a non-negative integer")
+    if height < MIN_SIZE or width < MIN_SIZE:
+        raise ValueError(f"height={height}, width={width}: both must be >= {MIN_SIZE}")
+
+
+def write_png_atomic(array: np.ndarray, path: str) -> None:
+    """Write `array` as a PNG at `path` so that `path` is either absent or complete: temp file, then rename."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(buffer.getvalue())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`mask2anomaly-synthroad`: write a SynthRoad split as DIR/images/<stem>.png and DIR/labels/<stem>.png."""
+    from tqdm.auto import tqdm
+
+    parser = argparse.ArgumentParser(
+        prog="mask2anomaly-synthroad",
+        description="Generate SynthRoad, the synthetic road-scene data set used to train and test Mask2Anomaly on a CPU.")
+    parser.add_argument("--split", required=True, choices=SPLITS, help="which split to generate")
+    parser.add_argument("--num", required=True, type=int, help="number of items (indices 0..num-1)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed; same seed gives identical files")
+    parser.add_argument("--output-dir", required=True, help="folder that receives images/ and labels/")
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=512)
+    args = parser.parse_args(argv)
+    try:
+        _check_arguments(args.split, args.num, args.seed, args.height, args.width)
+    except ValueError as error:
+        parser.error(str(error))  # exits with status 2 and the usage line
+
+    image_dir = os.path.join(args.output_dir, "images")
+    label_dir = os.path.join(args.output_dir, "labels")
+    try:
+        os.makedirs(image_dir, exist_ok=True)
+        os.makedirs(label_dir, exist_ok=True)
+    except OSError as error:
+        parser.error(f"cannot create output folders under {args.output_dir!r}: {error}")
+    items = iter_items(args.split, args.num, args.seed, args.height, args.width)
+    for stem, image, label in tqdm(items, total=args.num, desc=f"SynthRoad {args.split}", unit="scene"):
+        write_png_atomic(image, os.path.join(image_dir, f"{stem}.png"))
+        write_png_atomic(label, os.path.join(label_dir, f"{stem}.png"))
+    print(f"wrote {args.num} {args.split} items ({args.height}x{args.width}, seed {args.seed}) to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

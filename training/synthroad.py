@@ -148,7 +148,8 @@ class _Canvas:
 
     def paint(self, shapes: Sequence[Shape], colour, label: int, texture: float = 0.08
               ) -> tuple[np.ndarray, int, int] | None:
-        """Fill the shapes with `colour` ((3,) or an array of the local mask's shape + (3,)) and `label`.
+        """Fill the shapes with `colour` and `label`; `colour` is (3,), or a function of the local mask's
+        (height, width) returning float32 (height, width, 3) for textured surfaces.
 
         `texture` scales the shared grain/blotch noise. Returns the rasterised (mask, left, top), or None when
         the shapes lie outside the image.
@@ -161,7 +162,7 @@ class _Canvas:
         window = (slice(y0, y0 + h), slice(x0, x0 + w))
         # Only the masked pixels are computed: most of a bounding box is usually outside the shape.
         shade = 1.0 + texture * (self.grain[window][mask] + 1.5 * self.blotch[window][mask] - 1.25)
-        colour = np.asarray(colour, np.float32)
+        colour = np.asarray(colour(h, w) if callable(colour) else colour, np.float32)
         values = colour[mask] if colour.ndim == 3 else colour[None, :]
         self.image[window][mask] = values * shade[:, None]
         self.label[window][mask] = label
@@ -589,12 +590,9 @@ def _texture(rng: np.random.Generator, kind: str, h: int, w: int) -> np.ndarray:
     raise ValueError(f"unknown texture {kind!r}")
 
 
-def _paint_textured(canvas: _Canvas, rng: np.random.Generator, shapes: Sequence[Shape], kind: str) -> np.ndarray | None:
-    raster = _raster(shapes, canvas.height, canvas.width)
-    if raster is None:
-        return None
-    mask = raster[0]
-    return canvas.paint(shapes, _texture(rng, kind, *mask.shape), _ANOMALY, texture=0.0)
+def _paint_textured(canvas: _Canvas, rng: np.random.Generator, shapes: Sequence[Shape], kind: str
+                    ) -> tuple[np.ndarray, int, int] | None:
+    return canvas.paint(shapes, lambda h, w: _texture(rng, kind, h, w), _ANOMALY, texture=0.0)
 
 
 def _animal(canvas: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float, size: float) -> None:

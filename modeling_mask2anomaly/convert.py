@@ -40,7 +40,7 @@ import torch
 from transformers import Mask2FormerForUniversalSegmentation
 from transformers.utils import logging
 
-from .configuration_mask2anomaly import Mask2AnomalyConfig
+from .configuration_mask2anomaly import CITYSCAPES_CLASSES, CITYSCAPES_REFINE_CLASS_IDS, Mask2AnomalyConfig
 from .d2_config import (
     Detectron2Config,
     Detectron2ConfigError,
@@ -158,7 +158,8 @@ def load_official_state_dict(checkpoint_path: str | os.PathLike) -> dict[str, to
         if isinstance(value, torch.Tensor):
             state[str(key)] = value
         elif isinstance(value, np.ndarray) and value.dtype != object:
-            state[str(key)] = torch.from_numpy(np.ascontiguousarray(value))
+            # (np.ascontiguousarray would turn 0-d arrays such as num_batches_tracked into 1-d ones)
+            state[str(key)] = torch.from_numpy(value if value.flags.c_contiguous else value.copy(order="C"))
         else:
             bad.append(str(key))
     if bad:
@@ -386,13 +387,6 @@ def convert_state_dict(
     for key, tensor in source.items():
         if any(pattern.match(key) for pattern in _DROPPED):
             dropped.append(key)
-            if key == "criterion.empty_weight" and "criterion.empty_weight" in target:
-                expected = _fill_value(key, target[key], config)
-                if tuple(tensor.shape) != target[key].shape or not torch.allclose(tensor.float(), expected.float()):
-                    logger.warning(
-                        f"criterion.empty_weight of the checkpoint {tensor.tolist()} differs from the one NO_OBJECT_WEIGHT="
-                        f"{config.no_object_weight} gives; the config's value is kept"
-                    )
             continue
         index_match = _SWIN_INDEX.match(key)
         if index_match and kind == "swin":
@@ -466,6 +460,14 @@ def convert_state_dict(
     if shape_errors:
         raise ConversionError(f"{len(shape_errors)} shape mismatches: " + "; ".join(shape_errors[:_LISTED_KEYS]))
 
+    official_empty_weight = source.get("criterion.empty_weight")
+    if official_empty_weight is not None and "criterion.empty_weight" in target:
+        rebuilt = converted["criterion.empty_weight"]
+        if official_empty_weight.shape != rebuilt.shape or not torch.allclose(official_empty_weight.float(), rebuilt):
+            logger.warning(
+                f"the checkpoint's no-object loss weight {official_empty_weight[-1].item():g} differs from "
+                f"NO_OBJECT_WEIGHT={config.no_object_weight:g} in the config; the config's value is kept"
+            )
     if input_is_bgr:
         converted[first_conv] = converted[first_conv].flip(1)
     logger.info(
@@ -500,17 +502,33 @@ def target_specs(model: torch.nn.Module) -> dict[str, TargetSpec]:
     return {key: TargetSpec(tuple(value.shape), value.dtype) for key, value in model.state_dict().items()}
 
 
-def save_image_processor(preprocessing: TestTimePreprocessing, directory: str | os.PathLike) -> None:
-    """Write `preprocessor_config.json` with the official test-time resize, normalisation and padding."""
+def save_image_processor(
+    preprocessing: TestTimePreprocessing, config: Mask2AnomalyConfig, directory: str | os.PathLike
+) -> None:
+    """Write `preprocessor_config.json`: the official test-time resize, normalisation and padding, and the
+    model's post-processing settings (refinement, flip TTA, ...)."""
     from .image_processing_mask2anomaly import Mask2AnomalyImageProcessor
 
-    processor = Mask2AnomalyImageProcessor(
+    processor = Mask2AnomalyImageProcessor.from_model_config(
+        config,
         size={"shortest_edge": preprocessing.shortest_edge, "longest_edge": preprocessing.longest_edge},
+        # the processor rescales by 1/255 before normalising, so the 0..255 statistics are divided by 255
         image_mean=[v / 255.0 for v in preprocessing.image_mean],
         image_std=[v / 255.0 for v in preprocessing.image_std],
         size_divisor=preprocessing.size_divisibility,
     )
     processor.save_pretrained(directory)
+
+
+def _use_default_permissions(folder: Path) -> None:
+    # mkdtemp (and the temporary files behind safetensors) are private (0700 / 0600); a model folder is meant
+    # to be shared, so give it the permissions a plain mkdir / open would have under the current umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
@@ -555,7 +573,8 @@ def convert_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
         model.save_pretrained(staging)
-        save_image_processor(preprocessing, staging)
+        save_image_processor(preprocessing, config, staging)
+        _use_default_permissions(staging)
         _publish(staging, output_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -574,6 +593,14 @@ def mask2anomaly_config_from_mask2former(mask2former_config) -> Mask2AnomalyConf
     for key in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
         values.pop(key, None)
     values["global_masked_attention"] = True
+    # Refinement suppresses anomalies under confident Cityscapes "stuff" masks (train ids 2..10); it only
+    # means something for a model with the Cityscapes classes.
+    names = [str(name).lower() for _, name in sorted((int(i), n) for i, n in values.get("id2label", {}).items())]
+    if tuple(names) == CITYSCAPES_CLASSES:
+        values.update(refine=True, refine_class_ids=list(CITYSCAPES_REFINE_CLASS_IDS))
+    else:
+        logger.info("the Mask2Former's classes are not Cityscapes': mask refinement is switched off")
+        values.update(refine=False, refine_class_ids=[])
     return Mask2AnomalyConfig(**values)
 
 
@@ -630,6 +657,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()
+    # one summary line is the whole output; transformers' "Writing model shards" bar is noise here
+    logging.disable_progress_bar()
     start = time.perf_counter()
     try:
         output = convert_checkpoint(args.checkpoint, args.config, args.output_dir, overwrite=args.overwrite)

@@ -58,8 +58,9 @@ logger = logging.get_logger(__name__)
 ANOMALY_SCORERS: tuple[str, ...] = ("mask2anomaly", "rba", "eam", "msp", "max_logit", "energy")
 # Cityscapes train ids 2..10 (building .. sky): the official refinement classes.
 DEFAULT_REFINE_CLASS_IDS: tuple[int, ...] = tuple(range(2, 11))
-# Extra memory one post-processing block may use; 64 MiB keeps full-HD maps with 100 queries to ~34 rows.
-DEFAULT_MEMORY_BUDGET_MB: float = 64.0
+# Extra memory one post-processing block may use: with 100 queries at 1024 x 2048 that is blocks of ~64 rows, a
+# tenth of what upsampling all masks at once takes, in few enough blocks that per-operation overhead stays small.
+DEFAULT_MEMORY_BUDGET_MB: float = 128.0
 # Mask2Former predicts masks at stride 4 of the padded input.
 MASK_STRIDE: int = 4
 
@@ -323,33 +324,42 @@ def _lerp_columns(x: torch.Tensor, out_width: int) -> torch.Tensor:
     return F.interpolate(x, size=out_width, mode="linear", align_corners=False)
 
 
-def _bytes_per_block_row(num_queries: int, mask_width: int, padded_width: int, channels: int) -> int:
-    # mask rows after the vertical pass + upsampled logits (reused for sigmoid) + a channel buffer, float32
-    return 4 * (num_queries * mask_width + num_queries * padded_width + 2 * channels * padded_width)
+def _resized(channels: torch.Tensor, taps: _LinearTaps | None, rows: slice, offset: int, out_w: int) -> torch.Tensor:
+    """Crop-resized rows of (K, n, w) channels: vertical taps for output `rows`, then linear along the width."""
+    if taps is None:
+        return channels
+    return _lerp_columns(_lerp_rows(channels, taps, rows, offset).contiguous(), out_w)
 
 
 def _render_channels(
     mask_logits: torch.Tensor,
-    sigmoid_weights: torch.Tensor | None,
+    sigmoid_weights: torch.Tensor,
+    refine_queries: torch.Tensor | None,
+    refine_scores: torch.Tensor | None,
     logit_weights: torch.Tensor | None,
     valid_size: tuple[int, int],
     output_size: tuple[int, int],
     memory_budget_mb: float,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
     """
-    Yield blocks of output rows of ``resize(crop(W^T sigmoid(up(m)) ; V^T up(m)))``.
+    Yield blocks of output rows of the channels ``resize(crop(c(up(m))))`` of one image.
+
+    `up` upsamples the mask logits bilinearly (align_corners=False) to the padded size, `crop` keeps the top-left
+    `valid_size`, `resize` is bilinear (align_corners=False) to `output_size`. Channels: W^T sigmoid(up(m)) (e.g.
+    the class scores S_c), score_q * sigmoid(up(m_q)) for the refinement queries, V^T up(m) (logit channels).
 
     Args:
-        mask_logits: (Q, h, w) mask logits of one image, at stride 4 of the padded size (4h, 4w).
-        sigmoid_weights: (Q, Ks) weights W of the channels built from the sigmoid of the upsampled logits.
-        logit_weights: (Q, Kl) weights V of the channels built from the upsampled logits themselves.
-        valid_size: (hv, wv) un-padded part of the padded grid that is kept (crop at the top-left).
-        output_size: (H, W) size the cropped channels are bilinearly resized to.
+        mask_logits: (Q, h, w) mask logits, at stride 4 of the padded size (4h, 4w).
+        sigmoid_weights: (Q, Ks) weights W.
+        refine_queries, refine_scores: (Kr,) indices and scores of the refinement queries, or None.
+        logit_weights: (Q, Kl) weights V, or None.
+        valid_size: (hv, wv) un-padded part of the padded grid.
+        output_size: (H, W).
         memory_budget_mb: extra memory one block may use; sets the number of rows per block.
 
     Yields:
-        (y0, y1, channels) with channels (Ks + Kl, y1 - y0, W): rows y0..y1 of the output. Equal, up to float
-        rounding, to upsampling all masks at once with `F.interpolate(..., align_corners=False)`.
+        (y0, y1, sigmoid channels (Ks, n, W), refinement channels (Kr, n, W) or None, logit channels (Kl, n, W) or
+        None) for output rows y0..y1 (n = y1 - y0).
     """
     num_queries, mask_h, mask_w = mask_logits.shape
     padded_h, padded_w = MASK_STRIDE * mask_h, MASK_STRIDE * mask_w
@@ -360,42 +370,46 @@ def _render_channels(
             f"The un-padded image size {tuple(valid_size)} must lie within the padded size ({padded_h}, {padded_w}) "
             f"given by the mask logits of size ({mask_h}, {mask_w}) at stride {MASK_STRIDE}"
         )
-    device = mask_logits.device
-    num_sig = 0 if sigmoid_weights is None else sigmoid_weights.shape[1]
-    num_logit = 0 if logit_weights is None else logit_weights.shape[1]
-    channels = num_sig + num_logit
-
-    up_rows = _LinearTaps.build(mask_h, padded_h, device)
+    channels = sigmoid_weights.shape[1]
+    channels += 0 if refine_queries is None else refine_queries.numel()
+    channels += 0 if logit_weights is None else logit_weights.shape[1]
     resize = (valid_h, valid_w) != (out_h, out_w)
-    out_rows = _LinearTaps.build(valid_h, out_h, device) if resize else None
+    out_rows = _LinearTaps.build(valid_h, out_h, mask_logits.device) if resize else None
 
-    per_row = _bytes_per_block_row(num_queries, mask_w, padded_w, channels)
-    per_out_row = (valid_h / out_h) * per_row + 4 * 3 * channels * out_w
-    budget = memory_budget_mb * 2**20
-    block = int(max(1, min(out_h, (budget - 2 * per_row) // max(per_out_row, 1))))
+    # float32 bytes per row of the padded grid: upsampled logits (sigmoid in place) + channels before/after resize
+    per_row = 4 * (num_queries * padded_w + 3 * channels * padded_w)
+    rows_per_out_row = valid_h / out_h
+    halo = 2 * MASK_STRIDE * per_row  # one extra mask row above and below each block
+    block = int((memory_budget_mb * 2**20 - halo) // (rows_per_out_row * per_row + 4 * 2 * channels * out_w))
+    block = max(1, min(out_h, block))
     logger.debug(f"rendering {channels} channels of {out_h}x{out_w} in blocks of {block} rows")
 
     for y0 in range(0, out_h, block):
         y1 = min(out_h, y0 + block)
-        # rows of the cropped, padded-resolution grid these output rows read
+        # rows r0..r1 of the cropped padded grid that these output rows read
         r0, r1 = (int(out_rows.lo[y0]), int(out_rows.hi[y1 - 1]) + 1) if resize else (y0, y1)
-        m0 = int(up_rows.lo[r0])
-        m1 = int(up_rows.hi[r1 - 1]) + 1
-        logits = _lerp_rows(mask_logits[:, m0:m1], up_rows, slice(r0, r1), m0)  # (Q, n, w)
-        logits = _lerp_columns(logits, padded_w)  # (Q, n, Wp)
-        n = r1 - r0
-        parts = []
-        if num_logit:
-            parts.append((logit_weights.t() @ logits.reshape(num_queries, -1)).view(num_logit, n, padded_w))
-        if num_sig:
-            probs = logits.sigmoid_()
-            parts.insert(0, (sigmoid_weights.t() @ probs.reshape(num_queries, -1)).view(num_sig, n, padded_w))
-        block_channels = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        block_channels = block_channels[:, :, :valid_w]
-        if resize:
-            block_channels = _lerp_rows(block_channels, out_rows, slice(y0, y1), r0)
-            block_channels = _lerp_columns(block_channels.contiguous(), out_w)
-        yield y0, y1, block_channels
+        # Mask rows a..b with one row of margin: the stride is exactly 4, so upsampling them alone gives the same
+        # rows r0..r1, bit for bit, as upsampling the whole mask (same source positions and weights).
+        a = max(0, r0 // MASK_STRIDE - 1)
+        b = min(mask_h, (r1 - 1) // MASK_STRIDE + 2)
+        logits = F.interpolate(
+            mask_logits[None, :, a:b], size=(MASK_STRIDE * (b - a), padded_w), mode="bilinear", align_corners=False
+        )[0]
+        rows = slice(r0 - MASK_STRIDE * a, r1 - MASK_STRIDE * a)
+        n_up = logits.shape[1]
+        logit_channels = None
+        if logit_weights is not None:
+            flat = logit_weights.t() @ logits.reshape(num_queries, -1)
+            logit_channels = flat.view(-1, n_up, padded_w)[:, rows, :valid_w]
+        probs = logits.sigmoid_()
+        sig_channels = (sigmoid_weights.t() @ probs.reshape(num_queries, -1)).view(-1, n_up, padded_w)
+        sig_channels = sig_channels[:, rows, :valid_w]
+        refine_channels = None
+        if refine_queries is not None:
+            refine_channels = probs[refine_queries][:, rows, :valid_w] * refine_scores.view(-1, 1, 1)
+        out = [None if c is None else _resized(c, out_rows, slice(y0, y1), r0, out_w)
+               for c in (sig_channels, refine_channels, logit_channels)]
+        yield y0, y1, out[0], out[1], out[2]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -408,7 +422,7 @@ def _score_block(
 ) -> torch.Tensor:
     """Anomaly score of a block from its channels: class_scores S (C, n, W) -> (n, W); see the module table."""
     if scorer == "mask2anomaly":
-        return 1.0 - class_scores.max(dim=0).values
+        return class_scores.max(dim=0).values.neg_().add_(1.0)
     if scorer == "rba":
         return -torch.tanh(class_scores).sum(dim=0)
     if scorer == "eam":
@@ -726,25 +740,22 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
             result.append((valid, targets[idx] if targets is not None else valid))
         return result
 
-    def _refine_weights(
+    def _refinement_queries(
         self, probs: torch.Tensor, refine: bool, refine_min_queries: int
-    ) -> torch.Tensor | None:
-        """(Q, K) one-hot weights score_q on the kept queries, or None when refinement does not apply."""
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Indices (K,) and scores (K,) of the queries kept for refinement from probs (Q, C+1), or None."""
         if not refine:
             return None
         num_classes = probs.shape[1] - 1
         bad = [i for i in self.refine_class_ids if not 0 <= i < num_classes]
         if bad:
             raise ValueError(f"refine_class_ids {bad} are outside the {num_classes} classes of the model outputs")
-        scores, labels = probs.max(dim=1)
+        scores, labels = probs.max(dim=1)  # over all C+1 columns, no-object included, as officially
         class_ids = torch.tensor(self.refine_class_ids, dtype=labels.dtype, device=labels.device)
-        keep = (scores > self.refine_score_threshold) & torch.isin(labels, class_ids)
-        kept = keep.nonzero().flatten()
+        kept = ((scores > self.refine_score_threshold) & torch.isin(labels, class_ids)).nonzero().flatten()
         if kept.numel() < refine_min_queries:
             return None
-        weights = torch.zeros(probs.shape[0], kept.numel(), dtype=probs.dtype, device=probs.device)
-        weights[kept, torch.arange(kept.numel(), device=probs.device)] = scores[kept]
-        return weights
+        return kept, scores[kept]
 
     def _dense_maps(
         self,
@@ -782,42 +793,34 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
                 probs = class_logits[idx].float().softmax(dim=-1)  # (Q, C+1), no-object column included
                 known = probs[:, :-1]
                 num_classes = known.shape[1]
-                sig = [known]
-                eam_index = refine_index = None
-                refine_w = self._refine_weights(probs, refine, refine_min_queries) if want_anomaly else None
+                sigmoid_weights = known
                 if want_anomaly and scorer == "eam":
-                    eam_index = num_classes
-                    sig.append(known.max(dim=1, keepdim=True).values)
-                if refine_w is not None:
-                    refine_index = sum(w.shape[1] for w in sig)
-                    sig.append(refine_w)
-                sigmoid_weights = torch.cat(sig, dim=1)
+                    sigmoid_weights = torch.cat([known, known.max(dim=1, keepdim=True).values], dim=1)
+                refinement = self._refinement_queries(probs, refine, refine_min_queries) if want_anomaly else None
                 logit_weights = known if want_anomaly and scorer in ("max_logit", "energy") else None
-                num_sig = sigmoid_weights.shape[1]
 
-                anomaly = torch.empty(out_size, dtype=torch.float32, device=mask_logits.device) if want_anomaly else None
-                semantic = torch.empty(out_size, dtype=torch.long, device=mask_logits.device) if want_semantic else None
-                class_map = (torch.empty((num_classes, *out_size), dtype=torch.float32, device=mask_logits.device)
+                device = mask_logits.device
+                anomaly = torch.empty(out_size, dtype=torch.float32, device=device) if want_anomaly else None
+                semantic = torch.empty(out_size, dtype=torch.long, device=device) if want_semantic else None
+                class_map = (torch.empty((num_classes, *out_size), dtype=torch.float32, device=device)
                              if want_class_scores else None)
-                for y0, y1, channels in _render_channels(
-                    mask_logits[idx].float(), sigmoid_weights, logit_weights, valid, out_size, budget
-                ):
-                    class_scores = channels[:num_classes]
+                blocks = _render_channels(
+                    mask_logits[idx].float(), sigmoid_weights, *(refinement or (None, None)), logit_weights,
+                    valid, out_size, budget,
+                )
+                for y0, y1, sig_channels, refine_channels, logit_channels in blocks:
+                    class_scores = sig_channels[:num_classes]
                     if want_semantic:
                         semantic[y0:y1] = class_scores.argmax(dim=0)
                     if want_class_scores:
                         class_map[:, y0:y1] = class_scores
                     if not want_anomaly:
                         continue
-                    score = _score_block(
-                        scorer,
-                        class_scores,
-                        channels[eam_index] if eam_index is not None else None,
-                        channels[num_sig:] if logit_weights is not None else None,
-                    )
-                    if refine_index is not None:
-                        covered = channels[refine_index:num_sig].max(dim=0).values >= 0.5
-                        score = score * (~covered).to(score.dtype)
+                    eam_sum = sig_channels[num_classes] if scorer == "eam" else None
+                    score = _score_block(scorer, class_scores, eam_sum, logit_channels)
+                    if refine_channels is not None:
+                        # official: a * (1 - [R >= 0.5]); filling in place avoids a bool -> float conversion
+                        score.masked_fill_(refine_channels.max(dim=0).values >= 0.5, 0.0)
                     anomaly[y0:y1] = score
                 results.append({"anomaly_map": anomaly, "semantic_map": semantic, "class_scores": class_map})
         return results
@@ -853,7 +856,7 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
                 2 = the official "more than one"; 1 refines whenever a query is kept).
             flipped_outputs: outputs for the horizontally flipped images; each map then becomes the official
                 flip-TTA average `(a + fliplr(a_flip)) / 2`, refinement applied per view.
-            memory_budget_mb: extra memory of one block (default 64 MiB).
+            memory_budget_mb: extra memory of one block (default `DEFAULT_MEMORY_BUDGET_MB`, 128 MiB).
 
         Returns:
             `list[torch.Tensor]`: one float32 (height, width) anomaly map per image (higher = more anomalous).

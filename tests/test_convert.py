@@ -9,6 +9,7 @@ separated): everything about the architecture comes from its `config.yaml`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 from importlib.metadata import entry_points
@@ -353,78 +354,28 @@ def test_pkl_with_code_is_refused(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # detectron2 configs
 # ----------------------------------------------------------------------------------------------------------
-PAPER_BASE_YAML = """\
-MODEL:
-  BACKBONE:
-    FREEZE_AT: 0
-    NAME: "build_resnet_backbone"
-  PIXEL_MEAN: [123.675, 116.280, 103.530]
-  PIXEL_STD: [58.395, 57.120, 57.375]
-  RESNETS:
-    DEPTH: 50
-    STEM_OUT_CHANNELS: 64
-    STRIDE_IN_1X1: False
-    OUT_FEATURES: ["res2", "res3", "res4", "res5"]
-    NORM: "SyncBN"
-DATASETS:
-  TEST: ("cityscapes_fine_sem_seg_val",)
-INPUT:
-  MIN_SIZE_TRAIN: !!python/object/apply:eval ["__import__('pathlib').Path('{marker}').touch() or [1024]"]
-  MIN_SIZE_TEST: 1024
-  MAX_SIZE_TEST: 2048
-  FORMAT: "RGB"
-"""
+def _load_benchmark():
+    # the benchmark owns the paper-size checkpoint layout and the official-style config; reuse, don't copy
+    spec = importlib.util.spec_from_file_location("bench_convert", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_convert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-PAPER_YAML = """\
-_BASE_: base/Base-Cityscapes-SemanticSegmentation.yaml
-MODEL:
-  META_ARCHITECTURE: "MaskFormer"
-  RESNETS:
-    NORM: "BN"
-  SEM_SEG_HEAD:
-    NAME: "MaskFormerHead"
-    IGNORE_VALUE: 255
-    NUM_CLASSES: 19
-    CONVS_DIM: 256
-    MASK_DIM: 256
-    NORM: "GN"
-    PIXEL_DECODER_NAME: "MSDeformAttnPixelDecoder"
-    IN_FEATURES: ["res2", "res3", "res4", "res5"]
-    DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES: ["res3", "res4", "res5"]
-    COMMON_STRIDE: 4
-    TRANSFORMER_ENC_LAYERS: 6
-  MASK_FORMER:
-    TRANSFORMER_DECODER_NAME: "MultiScaleMaskedTransformerDecoder_GMA"
-    TRANSFORMER_IN_FEATURE: "multi_scale_pixel_decoder"
-    NO_OBJECT_WEIGHT: 0.1
-    CLASS_WEIGHT: 2.0
-    MASK_WEIGHT: 5.0
-    DICE_WEIGHT: 5.0
-    HIDDEN_DIM: 256
-    NUM_OBJECT_QUERIES: 100
-    NHEADS: 8
-    DROPOUT: 0.0
-    DIM_FEEDFORWARD: 2048
-    PRE_NORM: False
-    ENFORCE_INPUT_PROJ: False
-    SIZE_DIVISIBILITY: 32
-    DEC_LAYERS: 10
-"""
+
+bench = _load_benchmark()
 
 
 def _write_paper_yaml(folder: Path, marker: Path, changes: dict[str, object] | None = None) -> Path:
-    """The released Cityscapes inference config as the authors ship it (partial file + `_BASE_` holding an
-    eval tag that would touch `marker`), with `changes` ({"MODEL.RESNETS.DEPTH": 34, ...}) applied."""
-    (folder / "base").mkdir(parents=True, exist_ok=True)
-    (folder / "base" / "Base-Cityscapes-SemanticSegmentation.yaml").write_text(PAPER_BASE_YAML.format(marker=marker))
-    values = yaml.safe_load(PAPER_YAML)
+    """The released Cityscapes inference config as the authors ship it (partial file, `_BASE_` with an eval
+    tag, here one that would touch `marker` if evaluated), with `changes` ({"MODEL.RESNETS.DEPTH": 34}) applied."""
+    path = bench.write_paper_config(folder, eval_payload=f"__import__('pathlib').Path('{marker}').touch() or [1024]")
+    values = yaml.safe_load(path.read_text())
     for dotted, value in (changes or {}).items():
         *parents, leaf = dotted.split(".")
         node = values
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    path = folder / "anomaly_inference.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
 
@@ -449,6 +400,21 @@ def test_official_style_yaml_with_base_and_eval_tag(tmp_path):
     assert (config.class_weight, config.mask_weight, config.dice_weight, config.no_object_weight) == (2.0, 5.0, 5.0, 0.1)
     assert (config.contrastive_loss, config.contrastive_margin, config.contrastive_weight) == ("margin", 1.0, 1.0)
     assert config.refine and config.refine_class_ids == list(range(2, 11))
+
+
+@pytest.mark.parametrize("frozen_bn", [False, True], ids=["bn", "frozen_bn"])
+def test_paper_size_checkpoint_layout_converts_completely(tmp_path, frozen_bn):
+    """The released R-50 layout (res2 shortcut 64 -> 256, 2048-channel res5 input_proj, 9 GMA layers with
+    fusion_layer, ...) maps onto every key of the model the released config describes, nothing left over."""
+    config = config_from_detectron2_yaml(_write_paper_yaml(tmp_path, tmp_path / "marker"))
+    with torch.device("meta"):
+        specs = target_specs(Mask2AnomalyForUniversalSegmentation(config))
+    source = bench.paper_state_dict(fill=lambda shape: torch.empty(shape), frozen_bn=frozen_bn)
+    converted = convert_state_dict(source, specs, config)
+    assert set(converted) == set(specs)
+    assert "model.pixel_level_module.encoder.encoder.stages.0.layers.0.shortcut.convolution.weight" in converted
+    kept = sum(v.numel() for k, v in source.items() if "fusion_layer" not in k and "num_batches" not in k)
+    assert sum(v.numel() for k, v in converted.items() if "num_batches" not in k) == kept
 
 
 @pytest.mark.parametrize(

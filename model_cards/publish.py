@@ -1,0 +1,384 @@
+"""`mask2anomaly-publish`: assemble a model folder into a complete Hub repository, check it, and upload it.
+
+    mask2anomaly-publish runs/stage2 --repo-id org/mask2anomaly-r50 --results results/*.json
+    mask2anomaly-publish runs/stage2 --repo-id org/mask2anomaly-r50 --dry-run --output-dir outputs/hub
+
+The Hub folder holds: the weights (safetensors only: a folder with ``.bin``/``.pt``/pickle files is refused, since
+loading them can run arbitrary code), ``config.json`` and ``preprocessor_config.json`` (with ``auto_map``), the
+remote-code files every ``auto_map``/``custom_pipelines`` entry names and the files they import, ``handler.py`` and
+``requirements.txt`` for Inference Endpoints, the training record when there is one, widget example images under
+``examples/``, and the model card (``README.md``, see `mask2anomaly_model_cards.card`).
+
+Before anything is uploaded, the folder is loaded in a fresh Python process in which this project cannot be
+imported (everything must come from the folder's remote code, ``HF_HUB_OFFLINE=1``): config, model and image
+processor through the Auto classes with ``trust_remote_code=True``, one forward pass and anomaly map on a widget
+image and, when the folder routes ``image-segmentation`` to its own pipeline, one call of ``handler.py``.
+Then ``HfApi().create_repo`` + ``upload_folder``; ``--dry-run`` writes the folder to ``--output-dir`` and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi
+from transformers.utils import logging
+
+from .card import CARD_NAME, TRAINING_CONFIG_NAME, load_results, write_model_card
+
+logger = logging.get_logger(__name__)
+
+# Files whose loading unpickles: never published (safetensors is the only weight format that goes up).
+PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
+# Besides the weights and remote code, what a model folder may carry to the Hub.
+EXTRA_FILES: tuple[str, ...] = ("preprocessor_config.json", TRAINING_CONFIG_NAME, "eval_results.json")
+HANDLER_NAME = "handler.py"
+EXAMPLES_DIR = "examples"
+# What an Inference Endpoint must install on top of its torch image to run the remote code and the handler.
+ENDPOINT_PACKAGES: tuple[str, ...] = ("transformers", "scipy", "pillow", "numpy", "safetensors")
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "modeling_mask2anomaly"
+
+
+class PublishError(ValueError):
+    """The model folder cannot be published as it is; the message says which file and why."""
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_model_dir(model_dir: Path) -> list[Path]:
+    """Check that ``model_dir`` is a publishable Mask2Anomaly folder; return its safetensors weight files."""
+    if not (model_dir / "config.json").is_file():
+        raise PublishError(f"{model_dir} has no config.json; expected a folder written by save_pretrained")
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != "mask2anomaly":
+        raise PublishError(f"{model_dir / 'config.json'} has model_type {config.get('model_type')!r}; expected "
+                           "'mask2anomaly'")
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise PublishError(f"{model_dir} holds pickle-based file(s) {pickles}: loading them can run arbitrary code, "
+                           "so they are never published; re-save the model with safetensors "
+                           "(save_pretrained(..., safe_serialization=True)) and remove them")
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        raise PublishError(f"{model_dir} has no *.safetensors weights; expected model.safetensors (or shards)")
+    return weights
+
+
+def _relative_imports(source: Path) -> set[str]:
+    """Module names a remote-code file imports relatively (``from .x import y``), which must travel with it."""
+    tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                names.add(node.module.split(".")[0])
+            else:
+                names.update(alias.name for alias in node.names)
+    return names
+
+
+def required_modules(folder: Path) -> set[str]:
+    """Modules the folder's configs name (``auto_map``, ``custom_pipelines``) plus what they import relatively."""
+    modules: set[str] = set()
+    for name in ("config.json", "preprocessor_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        config = json.loads(path.read_text(encoding="utf-8"))
+        for reference in (config.get("auto_map") or {}).values():
+            for entry in reference if isinstance(reference, list) else [reference]:
+                if entry:
+                    modules.add(entry.split("--")[-1].split(".")[0])
+        for pipeline in (config.get("custom_pipelines") or {}).values():
+            modules.add(pipeline["impl"].split(".")[0])
+    return modules
+
+
+def _copy_remote_code(model_dir: Path, folder: Path) -> list[str]:
+    """Copy every module the configs need (and, transitively, what they import) from the model folder, falling back
+    to the installed package for modules the folder lacks. Returns the copied file names."""
+    pending, copied = sorted(required_modules(folder)), []
+    while pending:
+        module = pending.pop()
+        name = f"{module}.py"
+        if name in copied:
+            continue
+        source = model_dir / name if (model_dir / name).is_file() else PACKAGE_DIR / name
+        if not source.is_file():
+            raise PublishError(f"remote-code module {module!r} (named by the folder's auto_map/custom_pipelines or "
+                               f"imported by them) is neither in {model_dir} nor in {PACKAGE_DIR}")
+        if source.parent != model_dir:
+            logger.warning(f"{name} is not in {model_dir}; publishing the installed package's copy")
+        shutil.copyfile(source, folder / name)
+        copied.append(name)
+        pending.extend(sorted(_relative_imports(source) - {m[:-3] for m in copied}))
+    return sorted(copied)
+
+
+def endpoint_requirements() -> str:
+    """``requirements.txt`` for Inference Endpoints, with this project's own version ranges for those packages."""
+    try:
+        requires = importlib.metadata.requires("mask2anomaly") or []
+    except importlib.metadata.PackageNotFoundError:
+        requires = []
+    pinned = {}
+    for requirement in requires:
+        if ";" in requirement:  # extras (test, demo) are not needed to serve
+            continue
+        name = re.split(r"[<>=!~ \[]", requirement, maxsplit=1)[0].lower()
+        pinned[name] = requirement
+    lines = [pinned.get(package, package) for package in ENDPOINT_PACKAGES]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ assembling
+
+
+def default_widget_images(folder: Path, count: int = 2) -> list[Path]:
+    """Write ``count`` SynthRoad anomaly scenes as widget examples (used when none are given)."""
+    from PIL import Image
+
+    from mask2anomaly_training.synthroad import iter_items
+
+    paths = []
+    for stem, image, _ in iter_items("anomaly", count, seed=0, height=256, width=512):
+        path = folder / f"{stem}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def _widget_entries(names: Sequence[str], repo_id: str) -> list[dict[str, str]]:
+    # The widget needs absolute URLs; files in the repository resolve under /resolve/main/.
+    return [{"src": f"https://huggingface.co/{repo_id}/resolve/main/{EXAMPLES_DIR}/{name}",
+             "example_title": Path(name).stem.replace("_", " ")} for name in names]
+
+
+def find_handler(handler: str | os.PathLike | None = None) -> Path:
+    """The Inference Endpoints handler to publish: ``handler`` or the project's ``handler.py``."""
+    path = Path(handler) if handler else Path(__file__).resolve().parents[1] / HANDLER_NAME
+    if not path.is_file():
+        raise PublishError(f"no Inference Endpoints handler at {path}; pass --handler PATH to the project's "
+                           f"{HANDLER_NAME}")
+    return path
+
+
+def assemble_hub_folder(
+    model_dir: str | os.PathLike,
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    results: Sequence[str | os.PathLike] = (),
+    widget_images: Sequence[str | os.PathLike] = (),
+    handler: str | os.PathLike | None = None,
+    card_kwargs: dict[str, Any] | None = None,
+) -> list[str]:
+    """Write the complete Hub repository of ``model_dir`` into the empty folder ``folder``; return its file list."""
+    model_dir, folder = Path(model_dir), Path(folder)
+    weights = check_model_dir(model_dir)
+    records = [load_results(path) for path in results]  # fail before copying anything
+    for path in weights + sorted(model_dir.glob("*.safetensors.index.json")):
+        shutil.copyfile(path, folder / path.name)
+    shutil.copyfile(model_dir / "config.json", folder / "config.json")
+    for name in EXTRA_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, folder / name)
+    if not (folder / "preprocessor_config.json").is_file():
+        # AutoImageProcessor and the pipeline need it: derive it from the model's post-processing settings
+        from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyImageProcessor
+
+        logger.warning(f"{model_dir} has no preprocessor_config.json; writing the official one from its config")
+        config = Mask2AnomalyConfig.from_pretrained(model_dir)
+        Mask2AnomalyImageProcessor.from_model_config(config).save_pretrained(folder)
+    _copy_remote_code(model_dir, folder)
+    shutil.copyfile(find_handler(handler), folder / HANDLER_NAME)
+    (folder / "requirements.txt").write_text(endpoint_requirements(), encoding="utf-8")
+
+    examples = folder / EXAMPLES_DIR
+    examples.mkdir()
+    if widget_images:
+        for image in widget_images:
+            if not Path(image).is_file():
+                raise PublishError(f"widget image {image} does not exist; expected an image file")
+            shutil.copyfile(image, examples / Path(image).name)
+    else:
+        default_widget_images(examples)
+    names = sorted(p.name for p in examples.iterdir())
+    write_model_card(folder, records, repo_id=repo_id, widget=_widget_entries(names, repo_id), **(card_kwargs or {}))
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    logger.info(f"assembled {len(files)} files for {repo_id} in {folder}")
+    return files
+
+
+# ------------------------------------------------------------------------------------------------ smoke test
+
+
+SMOKE_TEST = textwrap.dedent(
+    """
+    import base64, json, sys
+    # this project must not be importable: everything has to come from the folder's remote code
+    for name in ("modeling_mask2anomaly", "mask2anomaly_training", "mask2anomaly_eval", "mask2anomaly_model_cards"):
+        sys.modules[name] = None
+    import numpy as np, torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForUniversalSegmentation
+    folder, image_path, check_handler = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForUniversalSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    for obj in (config, model, processor):
+        assert type(obj).__module__.startswith("transformers_modules"), type(obj)
+    image = Image.open(image_path).convert("RGB")
+    with torch.no_grad():
+        outputs = model(**processor(image, return_tensors="pt"))
+    anomaly = processor.post_process_anomaly_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+    assert tuple(anomaly.shape) == image.size[::-1] and torch.isfinite(anomaly).all(), anomaly.shape
+    report = {"model": type(model).__name__, "anomaly_map": list(anomaly.shape)}
+    if check_handler:
+        sys.path.insert(0, folder)
+        from handler import EndpointHandler
+        encoded = base64.b64encode(open(image_path, "rb").read()).decode("ascii")
+        segments = EndpointHandler(folder)({"inputs": encoded})
+        assert isinstance(segments, list) and all({"label", "score", "mask"} <= set(s) for s in segments), segments
+        report["handler_labels"] = [s["label"] for s in segments]
+    print(json.dumps(report))
+    """
+)
+
+
+def smoke_test(folder: str | os.PathLike, timeout: float = 600) -> dict[str, Any]:
+    """Load the assembled folder in a subprocess without this project importable; raise `PublishError` if it fails.
+
+    The handler is exercised when the folder's config routes ``image-segmentation`` to its remote-code pipeline
+    (without that route the stock pipeline would serve it, which cannot produce anomaly masks).
+    """
+    folder = Path(folder).resolve()
+    image = sorted((folder / EXAMPLES_DIR).iterdir())[0]
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    check_handler = "image-segmentation" in (config.get("custom_pipelines") or {})
+    if not check_handler:
+        logger.warning(f"{folder / 'config.json'} has no custom_pipelines['image-segmentation']: "
+                       "pipeline('image-segmentation') and handler.py will not use the Mask2Anomaly pipeline; "
+                       "re-save the model with a version of this package that records it")
+    with tempfile.TemporaryDirectory(prefix="mask2anomaly-smoke-") as scratch:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "PYTHONPATH"}
+        env.update({"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": os.path.join(scratch, "modules")})
+        result = subprocess.run(
+            [sys.executable, "-c", SMOKE_TEST, str(folder), str(image), "1" if check_handler else "0"],
+            cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout,
+        )
+    if result.returncode != 0:
+        raise PublishError(f"the assembled folder {folder} does not load without this package "
+                           f"(trust_remote_code=True):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ publishing
+
+
+def publish(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    results: Sequence[str | os.PathLike] = (),
+    private: bool = False,
+    dry_run: bool = False,
+    output_dir: str | os.PathLike | None = None,
+    widget_images: Sequence[str | os.PathLike] = (),
+    handler: str | os.PathLike | None = None,
+    card_kwargs: dict[str, Any] | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """Assemble, check and (unless ``dry_run``) upload; returns ``{"folder", "files", "check", "url"}``.
+
+    With ``output_dir`` the folder is kept there (it must not exist or be empty; it is assembled beside it and
+    renamed into place, so it is never left half-written); otherwise it lives in a temporary folder.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id):
+        raise PublishError(f"--repo-id {repo_id!r}; expected ORG/NAME")
+    if dry_run and output_dir is None:
+        raise PublishError("--dry-run needs --output-dir: the folder is all a dry run produces")
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+            raise PublishError(f"--output-dir {output_dir} exists and is not empty; expected a new or empty folder")
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="mask2anomaly-publish-"))
+    try:
+        files = assemble_hub_folder(model_dir, scratch, repo_id, results=results, widget_images=widget_images,
+                                    handler=handler, card_kwargs=card_kwargs)
+        check = smoke_test(scratch)
+        folder = scratch
+        if output_dir is not None:
+            os.replace(scratch, output_dir)
+            folder = output_dir
+        url = None
+        if not dry_run:
+            api = HfApi(token=token)
+            url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+            api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+                              commit_message=commit_message or f"Upload Mask2Anomaly model from {Path(model_dir).name}")
+        return {"folder": str(folder), "files": files, "check": check, "url": url}
+    finally:
+        if output_dir is None or scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mask2anomaly-publish",
+        description="Assemble a Mask2Anomaly model folder into a complete Hub repository (safetensors weights, "
+                    "remote code, handler, model card with results and widget examples), check that it loads "
+                    "without this package, and upload it.")
+    parser.add_argument("model_dir", help="a save_pretrained Mask2Anomaly folder")
+    parser.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
+    parser.add_argument("--results", nargs="*", default=[], help="mask2anomaly-eval JSON files for the card")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--dry-run", action="store_true", help="only write the folder (to --output-dir)")
+    parser.add_argument("--output-dir", help="keep the assembled folder here (required with --dry-run)")
+    parser.add_argument("--widget-image", action="append", default=[], help="widget example image (repeatable; "
+                        "default: two SynthRoad scenes)")
+    parser.add_argument("--handler", help=f"Inference Endpoints handler (default: the project's {HANDLER_NAME})")
+    parser.add_argument("--license", default="apache-2.0", help="license of the weights (Hub identifier)")
+    parser.add_argument("--base-model", help="Hub id of the model this one was fine-tuned from")
+    parser.add_argument("--dataset", action="append", default=[], help="Hub id of a training dataset (repeatable)")
+    parser.add_argument("--commit-message", help="commit message of the upload")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `mask2anomaly-publish`; returns 0 on success, 1 when the folder cannot be published."""
+    args = build_parser().parse_args(argv)
+    card_kwargs = {"license": args.license, "base_model": args.base_model, "datasets": args.dataset}
+    try:
+        outcome = publish(args.model_dir, args.repo_id, results=args.results, private=args.private,
+                          dry_run=args.dry_run, output_dir=args.output_dir, widget_images=args.widget_image,
+                          handler=args.handler, card_kwargs=card_kwargs, commit_message=args.commit_message)
+    except PublishError as err:
+        print(f"mask2anomaly-publish: {err}", file=sys.stderr)
+        return 1
+    checked = f"checked ({outcome['check']['model']}, anomaly map {outcome['check']['anomaly_map']}" + (
+        ", handler" if "handler_labels" in outcome["check"] else "") + ")"
+    where = f"uploaded to {outcome['url']}" if outcome["url"] else f"dry run: written to {outcome['folder']}"
+    print(f"{args.repo_id}: {len(outcome['files'])} files, {checked}; {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

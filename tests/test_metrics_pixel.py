@@ -1,0 +1,348 @@
+"""Pixel metrics: against the SegmentMeIfYouCan / scikit-learn reference fixtures and against scikit-learn on
+random data (ties, constant scores, images without anomaly, all-void images, several dtypes), streaming, merging
+and state round trips."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+from mask2anomaly_eval import pixel_metrics
+from mask2anomaly_eval.pixel_metrics import PixelMetricAccumulator, float32_to_keys, keys_to_float32
+
+
+FIXTURES = Path("/work/shared/fixtures/metrics_smiyc")
+TOL = 1e-9
+CASES = ["anomaly_track", "obstacle_track", "anomaly_track_float16_ties", "obstacle_track_coarse_ties", "constant_score"]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return json.loads((FIXTURES / "expected_metrics.json").read_text())["cases"]
+
+
+def load_case(name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    data = np.load(FIXTURES / f"{name}.npz")
+    n = int(data["num_images"])
+    return [data[f"scores_{i:03d}"] for i in range(n)], [data[f"labels_{i:03d}"] for i in range(n)]
+
+
+def accumulate(mode: str, scores, labels, **kwargs) -> dict:
+    accumulator = PixelMetricAccumulator(mode, **kwargs)
+    accumulator.add_batch(scores, labels)
+    return accumulator.compute()
+
+
+def sklearn_reference(scores, labels) -> dict:
+    """Independent values: scikit-learn on the pooled non-void pixels, FPR95 as Fishyscapes defines it."""
+    s = np.concatenate([np.asarray(x, dtype=np.float64).ravel() for x in scores])
+    l = np.concatenate([np.asarray(x).ravel() for x in labels])
+    y, s = l[l != 255] == 1, s[l != 255]
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    index = np.searchsorted(tpr, 0.95)
+    precision, recall, _ = precision_recall_curve(y, s)
+    with np.errstate(invalid="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return {
+        "auprc": average_precision_score(y, s),
+        "auroc": roc_auc_score(y, s),
+        "fpr95": fpr[index],
+        "fpr95_threshold": thresholds[index],
+        "best_f1": f1.max(),
+        "num_pos": int(y.sum()),
+        "num_neg": int((~y).sum()),
+        "pooled": (y, s),
+    }
+
+
+def assert_matches_sklearn(result: dict, ref: dict) -> None:
+    for key in ("auprc", "auroc", "fpr95", "best_f1"):
+        assert result[key] == pytest.approx(ref[key], abs=TOL), key
+    assert result["fpr95_threshold"] == ref["fpr95_threshold"]
+    assert (result["num_pos"], result["num_neg"]) == (ref["num_pos"], ref["num_neg"])
+    # The best-F1 threshold must give the best F1 (ties may pick a different, equally good threshold).
+    y, s = ref["pooled"]
+    predicted = s >= result["best_f1_threshold"]
+    tp = np.sum(predicted & y)
+    assert 2 * tp / (predicted.sum() + y.sum()) == pytest.approx(ref["best_f1"], abs=TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference fixtures
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_exact_matches_sklearn_fixture(case, reference):
+    expected = reference[case]["pixel_exact_sklearn"]
+    result = accumulate("exact", *load_case(case))
+    for ours, theirs in [("auprc", "AuPRC"), ("auroc", "AUROC"), ("fpr95", "FPR95"), ("best_f1", "best_F1"),
+                         ("fpr95_tpr", "FPR95_tpr_at_index")]:
+        assert result[ours] == pytest.approx(expected[theirs], abs=TOL), ours
+    fishyscapes = expected["fishyscapes_calculate_metrics_perpixAP"]
+    assert result["auprc"] == pytest.approx(fishyscapes["AP"], abs=TOL)
+    assert result["fpr95"] == pytest.approx(fishyscapes["FPR_at_95_TPR"], abs=TOL)
+    assert result["best_f1_threshold"] == expected["best_F1_threshold"]
+    assert result["fpr95_threshold"] == expected["FPR95_threshold"]
+    assert (result["num_pos"], result["num_neg"]) == (expected["num_pos"], expected["num_neg"])
+    assert result["num_distinct_scores"] == expected["num_distinct_scores"]
+
+
+SMIYC_KEYS = [("auprc", "AP"), ("auroc", "AUROC"), ("fpr95", "FPR95"), ("best_f1", "best_F1"),
+              ("best_f1_threshold", "best_F1_threshold"), ("fpr95_threshold", "FPR95_threshold"),
+              ("recall50_threshold", "recall50_threshold"), ("num_curve_points", "num_curve_points")]
+
+
+def assert_smiyc(result: dict, expected: dict) -> None:
+    outcomes = (expected.get("tie_order_possible_values") or {}).get("outcomes")
+    if outcomes:
+        # Quirk 2: the value depends on which frame's top bin numpy's argsort puts first; it must be one of them.
+        assert result["top_threshold_tied"]
+        assert any(
+            all(result[k] == pytest.approx(o[v], abs=TOL) for k, v in SMIYC_KEYS if v in o) for o in outcomes
+        ), result
+        return
+    for ours, theirs in SMIYC_KEYS:
+        if theirs in expected:
+            assert result[ours] == pytest.approx(expected[theirs], abs=TOL), ours
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_smiyc_dynamic_bins_match_fixture(case, reference):
+    expected = reference[case]["smiyc_pixel_binned"]["PixBinaryClass"]
+    scores, labels = load_case(case)
+    result = accumulate("smiyc", scores, labels)
+    assert_smiyc(result, expected)
+    assert result["top_threshold_tied"] == expected["top_threshold_tied_across_frames"]
+    if expected["top_threshold_tied_across_frames"]:
+        # Frame order matters (quirk 2); any order still lands on one of the enumerated outcomes.
+        for order in ([6, 5, 4, 3, 2, 1, 0], [2, 0, 1, 3, 4, 6, 5]):
+            assert_smiyc(accumulate("smiyc", [scores[i] for i in order], [labels[i] for i in order]), expected)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_smiyc_uniform_bins_match_fixture(case, reference):
+    expected = reference[case]["smiyc_pixel_binned"]["PixBinaryClass-uniThr"]
+    assert_smiyc(accumulate("smiyc_uniform", *load_case(case)), expected)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_float16_pipeline_matches_fixture(case, reference):
+    expected = reference[case]["smiyc_pipeline_float16"]["PixBinaryClass"]
+    assert_smiyc(accumulate("smiyc", *load_case(case), cast_float16=True), expected)
+
+
+def test_binned_modes_differ_from_exact_as_documented(reference):
+    """The binned curves are approximations: on obstacle_track SMIYC's AP is 0.3625 against the exact 0.3537."""
+    scores, labels = load_case("obstacle_track")
+    exact, binned = accumulate("exact", scores, labels), accumulate("smiyc", scores, labels)
+    assert binned["auprc"] - exact["auprc"] == pytest.approx(0.362458 - 0.353733, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random data against scikit-learn
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def random_frames(kind: str, seed: int, num: int = 6) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    scores, labels = [], []
+    for i in range(num):
+        h, w = rng.integers(8, 40, size=2)
+        label = (rng.random((h, w)) < rng.uniform(0.02, 0.3)).astype(np.uint8)
+        label[rng.random((h, w)) < 0.15] = 255
+        if i == 1:
+            label[label == 1] = 0  # an image without anomaly
+        if i == 2:
+            label[:] = 255  # an all-void image
+        base = rng.normal(size=(h, w)) + 1.5 * (label == 1)
+        if kind == "continuous":
+            score = base.astype(np.float32)
+        elif kind == "ties":
+            score = (np.round(base * 4) / 4).astype(np.float32)
+        elif kind == "float16":
+            score = (base / 4).astype(np.float16)
+        elif kind == "float64":
+            score = base
+        elif kind == "signed_zero":
+            score = np.where(np.abs(base) < 0.5, np.where(rng.random((h, w)) < 0.5, -0.0, 0.0), base).astype(np.float32)
+        elif kind == "integer":
+            score = np.round(base * 3).astype(np.int64)
+        else:
+            raise AssertionError(kind)
+        score[label == 255] = np.nan if score.dtype.kind == "f" else score[label == 255]  # void is ignored
+        scores.append(score)
+        labels.append(label)
+    return scores, labels
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "float16", "float64", "signed_zero", "integer"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_equals_sklearn_on_random_data(kind, seed):
+    scores, labels = random_frames(kind, seed)
+    result = accumulate("exact", scores, labels)
+    assert_matches_sklearn(result, sklearn_reference(scores, labels))
+
+
+def test_constant_scores_equal_sklearn():
+    rng = np.random.default_rng(3)
+    labels = [(rng.random((20, 30)) < 0.1).astype(np.uint8) for _ in range(3)]
+    scores = [np.full((20, 30), 0.25, np.float32) for _ in labels]
+    result = accumulate("exact", scores, labels)
+    assert_matches_sklearn(result, sklearn_reference(scores, labels))
+    assert result["auroc"] == 0.5 and result["fpr95"] == 1.0 and result["num_distinct_scores"] == 1
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_sweep_in_small_chunks_equals_sklearn(monkeypatch, generic):
+    """Chunk boundaries (forced every few distinct scores, also inside a tie of both classes) change nothing."""
+    monkeypatch.setattr(pixel_metrics, "_SWEEP_CHUNK", 3)
+    scores, labels = random_frames("ties", 5)
+    if generic:
+        scores = [s.astype(np.float64) for s in scores]
+    assert_matches_sklearn(accumulate("exact", scores, labels), sklearn_reference(scores, labels))
+
+
+def test_switch_to_generic_state_mid_stream(monkeypatch):
+    """Past the packed count limit (or with float64 scores) the state converts itself and stays exact."""
+    monkeypatch.setattr(pixel_metrics, "_PACKED_COUNT_LIMIT", 500)
+    scores, labels = random_frames("ties", 7, num=8)
+    accumulator = PixelMetricAccumulator("exact")
+    for s, l in zip(scores, labels):
+        accumulator.add(s, l)
+    assert accumulator._state.generic is not None
+    assert_matches_sklearn(accumulator.compute(), sklearn_reference(scores, labels))
+
+
+def test_float32_then_float64_frames_equal_sklearn():
+    scores, labels = random_frames("continuous", 11)
+    scores = [s if i % 2 else s.astype(np.float64) * (1 + 1e-12) for i, s in enumerate(scores)]
+    assert_matches_sklearn(accumulate("exact", scores, labels), sklearn_reference(scores, labels))
+
+
+def test_float32_keys_preserve_order():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(size=1000) * 10.0 ** rng.integers(-30, 30, 1000),
+                             [0.0, -0.0, 1e-45, -1e-45, np.finfo(np.float32).max, -np.finfo(np.float32).max]])
+    values = values.astype(np.float32)
+    keys = float32_to_keys(values)
+    order = np.argsort(values, kind="stable")
+    assert np.all(np.diff(keys[order].astype(np.int64)) >= 0)
+    assert np.array_equal(keys_to_float32(keys), values + np.float32(0))
+    assert float32_to_keys(np.array([-0.0], np.float32))[0] == float32_to_keys(np.array([0.0], np.float32))[0]
+
+
+def test_torch_inputs():
+    torch = pytest.importorskip("torch")
+    scores, labels = random_frames("continuous", 2)
+    tensors = [torch.from_numpy(np.nan_to_num(s)) for s in scores]
+    result = accumulate("exact", tensors, [torch.from_numpy(l) for l in labels])
+    assert_matches_sklearn(result, sklearn_reference([t.numpy() for t in tensors], labels))
+    bf16 = PixelMetricAccumulator()
+    bf16.add(tensors[0].to(torch.bfloat16), torch.from_numpy(labels[0]).bool())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming, merging, state
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["exact", "smiyc_uniform"])
+def test_streaming_equals_one_pooled_frame(mode):
+    scores, labels = random_frames("ties", 21)
+    pooled = accumulate(mode, [np.concatenate([s.ravel() for s in scores])], [np.concatenate([l.ravel() for l in labels])])
+    streamed = accumulate(mode, scores, labels)
+    for key in ("auprc", "auroc", "fpr95", "best_f1", "best_f1_threshold"):
+        assert streamed[key] == pytest.approx(pooled[key], abs=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["exact", "smiyc", "smiyc_uniform"])
+def test_merged_accumulators_equal_one(mode):
+    scores, labels = load_case("obstacle_track")
+    single = accumulate(mode, scores, labels)
+    parts = [PixelMetricAccumulator(mode) for _ in range(3)]
+    for i, (s, l) in enumerate(zip(scores, labels)):
+        parts[i // 2].add(s, l)  # contiguous shards keep the frame order for the smiyc mode
+    merged = parts[0].merge(parts[1]).merge(parts[2]).compute()
+    for key in ("auprc", "auroc", "fpr95", "best_f1", "best_f1_threshold", "num_pos", "num_neg"):
+        assert merged[key] == pytest.approx(single[key], abs=1e-12), key
+    assert merged["num_images"] == len(scores)
+
+
+@pytest.mark.parametrize("mode", ["exact", "smiyc", "smiyc_uniform"])
+def test_state_dict_and_pickle_round_trip(mode):
+    scores, labels = random_frames("ties", 4)
+    accumulator = PixelMetricAccumulator(mode)
+    accumulator.add_batch(scores, labels)
+    expected = accumulator.compute()
+    state = accumulator.state_dict()
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    rebuilt = PixelMetricAccumulator.from_state_dict(state).compute()
+    unpickled = pickle.loads(pickle.dumps(accumulator)).compute()
+    for result in (rebuilt, unpickled):
+        for key in ("auprc", "auroc", "fpr95", "best_f1", "num_images"):
+            assert result[key] == pytest.approx(expected[key], abs=1e-12)
+
+
+def test_exact_state_does_not_grow_once_scores_saturate():
+    """Memory follows the number of distinct scores, not of pixels (here the 1024 float16 values in [0.5, 1))."""
+    rng = np.random.default_rng(0)
+    accumulator = PixelMetricAccumulator("exact")
+    sizes = []
+    for i in range(24):
+        label = (rng.random((128, 128)) < 0.5).astype(np.uint8)
+        scores = rng.integers(0x3800, 0x3C00, size=(128, 128)).astype(np.uint16).view(np.float16)
+        accumulator.add(scores, label)
+        if i in (11, 23):
+            accumulator.compute()  # compacts the runs
+            sizes.append(accumulator.state_nbytes)
+    assert sizes[0] == sizes[1] == 8 * 2 * 1024  # one 8-byte entry per (value, class)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input and undefined values
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scores, labels, message",
+    [
+        (np.zeros((4, 5), np.float32), np.zeros((5, 4), np.uint8), "shape"),
+        (np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8), "empty"),
+        (np.zeros((2, 2), np.float32), np.array([[0, 1], [2, 7]], np.uint8), r"\[2, 7\]"),
+        (np.zeros((2, 2), np.float32), np.array([[0, 1], [-1, 0]]), r"\[-1\]"),
+        (np.array([[np.nan, 0.1]], np.float32), np.array([[0, 1]], np.uint8), "NaN"),
+        (np.array([[np.inf, 0.1]], np.float32), np.array([[0, 1]], np.uint8), "infinite"),
+        (np.array([["a", "b"]]), np.array([[0, 1]], np.uint8), "dtype"),
+    ],
+)
+def test_bad_input_raises_clear_errors(scores, labels, message):
+    with pytest.raises(ValueError, match=message):
+        PixelMetricAccumulator().add(scores, labels)
+
+
+def test_misuse_raises():
+    with pytest.raises(ValueError, match="mode"):
+        PixelMetricAccumulator("fast")
+    with pytest.raises(ValueError, match="no image"):
+        PixelMetricAccumulator().compute()
+    with pytest.raises(ValueError, match="same mode"):
+        PixelMetricAccumulator("exact").merge(PixelMetricAccumulator("smiyc"))
+    with pytest.raises(ValueError, match="no valid pixel"):
+        accumulator = PixelMetricAccumulator()
+        accumulator.add(np.zeros((2, 2), np.float32), np.full((2, 2), 255, np.uint8))
+        accumulator.compute()
+    with pytest.raises(ValueError, match="2 score maps but 1"):
+        PixelMetricAccumulator().add_batch([np.zeros(2)] * 2, [np.zeros(2, np.uint8)])
+
+
+def test_undefined_metrics_are_nan():
+    no_anomaly = accumulate("exact", [np.linspace(0, 1, 10, dtype=np.float32)], [np.zeros(10, np.uint8)])
+    assert all(np.isnan(no_anomaly[k]) for k in ("auprc", "auroc", "fpr95", "best_f1"))
+    only_anomaly = accumulate("exact", [np.linspace(0, 1, 10, dtype=np.float32)], [np.ones(10, np.uint8)])
+    assert only_anomaly["auprc"] == 1.0 and np.isnan(only_anomaly["auroc"]) and np.isnan(only_anomaly["fpr95"])

@@ -1,0 +1,213 @@
+"""Component metrics (SegmentMeIfYouCan sIoU / PPV / mean F1) and the two-pass API: against the official fixture
+values, per image, and against a naive reference written from the official definition."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mask2anomaly_eval.component_metrics import ComponentMetricAccumulator, frame_component_stats
+from mask2anomaly_eval.metrics import compute_metrics, evaluate_two_pass, merge_accumulators
+
+from test_metrics_pixel import CASES, FIXTURES, load_case
+
+
+TOL = 1e-9
+CONFIG_SUFFIXES = ["", "@thresh_p=0.5", "@exact_best_F1_threshold"]
+PER_IMAGE_KEYS = {"sIoU_gt": "siou_gt", "size_gt": "size_gt", "PPV_pred": "ppv_pred", "sIoU_pred": "siou_pred",
+                  "size_pred": "size_pred"}
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return json.loads((FIXTURES / "expected_metrics.json").read_text())["cases"]
+
+
+def official_config(reference: dict, case: str, suffix: str) -> tuple[str, dict]:
+    track = reference[case]["inputs"]["track"]
+    name = ("SegEval-AnomalyTrack" if track == "anomaly" else "SegEval-ObstacleTrack") + suffix
+    return track, reference[case]["smiyc_components"][name]
+
+
+def assert_component_result(result: dict, expected: dict) -> None:
+    for ours, theirs in [("siou", "mean_sIoU"), ("ppv", "mean_PPV"), ("siou_pred", "mean_sIoU_pred"),
+                         ("mean_f1", "mean_F1")]:
+        if expected.get(theirs) is None:
+            assert np.isnan(result[ours]), ours
+        else:
+            assert result[ours] == pytest.approx(expected[theirs], abs=TOL), ours
+    assert result["f1_per_threshold"] == pytest.approx(expected["F1_per_tau"], abs=TOL)
+    assert result["tp_per_threshold"] == [row["TP"] for row in expected["per_tau"]]
+    assert result["fn_per_threshold"] == [row["FN"] for row in expected["per_tau"]]
+    assert result["fp_per_threshold"] == [row["FP"] for row in expected["per_tau"]]
+    assert result["num_gt_components"] == expected["num_gt_components"]
+    assert result["num_pred_components"] == expected["num_pred_components"]
+
+
+@pytest.mark.parametrize("suffix", CONFIG_SUFFIXES)
+@pytest.mark.parametrize("case", CASES)
+def test_components_match_official_fixture(case, suffix, reference):
+    track, expected = official_config(reference, case, suffix)
+    accumulator = ComponentMetricAccumulator(track, expected["thresh_p"])
+    scores, labels = load_case(case)
+    per_image = [accumulator.add(s, l) for s, l in zip(scores, labels)]
+    assert_component_result(accumulator.compute(), expected)
+    for ours, theirs in zip(per_image, expected["per_image"]):
+        for their_key, our_key in PER_IMAGE_KEYS.items():
+            np.testing.assert_allclose(getattr(ours, our_key), theirs[their_key], atol=TOL, rtol=0)
+            assert len(getattr(ours, our_key)) == len(theirs[their_key])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_pass_official_protocol(case, reference):
+    """mode='smiyc': the components use the SMIYC curve's best-F1 threshold, exactly as the official run."""
+    track, expected = official_config(reference, case, "")
+    scores, labels = load_case(case)
+    result = compute_metrics(scores, labels, mode="smiyc", components=True, track=track)
+    assert result["component_threshold"] == expected["thresh_p"]
+    assert_component_result(result, expected)
+    streamed = evaluate_two_pass(lambda: zip(scores, labels), mode="smiyc", track=track)
+    assert streamed["mean_f1"] == result["mean_f1"] and streamed["auprc"] == result["auprc"]
+
+
+def test_two_pass_exact_mode_uses_exact_threshold(reference):
+    track, expected = official_config(reference, "obstacle_track", "@exact_best_F1_threshold")
+    result = compute_metrics(*load_case("obstacle_track"), mode="exact", components=True, track=track)
+    assert result["component_threshold"] == expected["thresh_p"]
+    assert_component_result(result, expected)
+
+
+@pytest.mark.parametrize("case", ["anomaly_track", "obstacle_track"])
+def test_float16_pipeline_components(case, reference):
+    track, _ = official_config(reference, case, "")
+    expected = reference[case]["smiyc_pipeline_float16"]
+    scores, labels = load_case(case)
+    result = compute_metrics(scores, labels, mode="smiyc", components=True, track=track, cast_float16=True)
+    name = "SegEval-AnomalyTrack" if track == "anomaly" else "SegEval-ObstacleTrack"
+    assert result["component_threshold"] == expected[name]["thresh_p"]
+    for ours, theirs in [("siou", "mean_sIoU"), ("ppv", "mean_PPV"), ("mean_f1", "mean_F1")]:
+        assert result[ours] == pytest.approx(expected[name][theirs], abs=TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Naive reference: the official definition step by step, one component at a time with set operations
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def naive_frame(scores, labels, threshold, min_pred, min_gt) -> dict:
+    eight = np.ones((3, 3), dtype=int)
+    predicted = (scores > scores.dtype.type(threshold)) & (labels != 255)
+    gt, num_gt = ndimage.label(labels == 1, eight)
+    pred, num_pred = ndimage.label(predicted, eight)
+    for c in range(1, num_pred + 1):
+        if np.sum(pred == c) < min_pred:
+            pred[pred == c] = 0
+    labels = labels.copy()
+    for c in range(num_gt + 1):  # component 0 too, as the official loop
+        if np.sum(gt == c) < min_gt:
+            labels[gt == c] = 255
+    roi = labels < 255
+    gt, pred = gt[roi], pred[roi]
+    out = {k: [] for k in PER_IMAGE_KEYS.values()}
+    for k in np.unique(gt[gt > 0]):
+        touching = np.unique(pred[(gt == k) & (pred > 0)])
+        in_c = np.isin(pred, touching)
+        inter = np.sum((gt == k) & in_c)
+        adjustment = np.sum(~np.isin(gt, [0, k]) & in_c)
+        out["siou_gt"].append(inter / (np.sum(in_c) + np.sum(gt == k) - inter - adjustment))
+        out["size_gt"].append(np.sum(gt == k))
+    for j in np.unique(pred[pred > 0]):
+        touching = np.unique(gt[(pred == j) & (gt > 0)])
+        in_c = np.isin(gt, touching)
+        inter = np.sum((pred == j) & in_c)
+        adjustment = np.sum(~np.isin(pred, [0, j]) & in_c)
+        out["siou_pred"].append(inter / (np.sum(in_c) + np.sum(pred == j) - inter - adjustment))
+        out["ppv_pred"].append(inter / np.sum(pred == j))
+        out["size_pred"].append(np.sum(pred == j))
+    return out
+
+
+def blobby_frame(rng: np.random.Generator, shape=(48, 64)) -> tuple[np.ndarray, np.ndarray]:
+    gt = ndimage.gaussian_filter(rng.random(shape), 2.0) > 0.55
+    labels = gt.astype(np.uint8)
+    labels[ndimage.gaussian_filter(rng.random(shape), 2.0) > 0.6] = 255
+    scores = ndimage.gaussian_filter(rng.random(shape) + 0.8 * gt, 1.5).astype(np.float32)
+    return scores, labels
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_frame_stats_equal_naive_reference(seed):
+    rng = np.random.default_rng(seed)
+    scores, labels = blobby_frame(rng)
+    if seed == 5:
+        labels[:] = np.where(labels == 255, 255, 1)
+        labels[0, :3] = 0  # background smaller than min_gt_size: voided too, like the official loop
+    threshold = float(np.quantile(scores, rng.uniform(0.4, 0.8)))
+    min_pred, min_gt = int(rng.integers(1, 30)), int(rng.integers(1, 12))
+    ours = frame_component_stats(scores, labels, threshold, min_pred, min_gt)
+    expected = naive_frame(scores, labels, threshold, min_pred, min_gt)
+    for key, values in expected.items():
+        np.testing.assert_allclose(getattr(ours, key), np.asarray(values, dtype=float), atol=1e-12, rtol=0)
+        assert len(getattr(ours, key)) == len(values)
+
+
+def test_threshold_is_strict_and_compared_in_the_score_dtype():
+    scores = np.full((30, 30), 0.5, np.float32)
+    scores[5:15, 5:15] = np.float32(0.7)
+    labels = np.zeros((30, 30), np.uint8)
+    labels[5:15, 5:15] = 1
+    at_threshold = frame_component_stats(scores, labels, float(np.float32(0.7)), 10, 10)
+    assert at_threshold.size_pred.size == 0 and at_threshold.siou_gt.tolist() == [0.0]
+    # 0.7 as a Python float is above float32(0.7); compared in float32 they are equal, so nothing is predicted.
+    assert frame_component_stats(scores, labels, 0.7, 10, 10).size_pred.size == 0
+    below = frame_component_stats(scores, labels, 0.69, 10, 10)
+    assert below.siou_gt.tolist() == [1.0] and below.ppv_pred.tolist() == [1.0]
+
+
+def test_merge_and_state_round_trip_equal_one_accumulator():
+    scores, labels = load_case("anomaly_track")
+    single = ComponentMetricAccumulator("anomaly", 0.5)
+    parts = [ComponentMetricAccumulator("anomaly", 0.5) for _ in range(2)]
+    for i, (s, l) in enumerate(zip(scores, labels)):
+        single.add(s, l)
+        parts[i % 2].add(s, l)
+    expected = single.compute()
+    merged = merge_accumulators([ComponentMetricAccumulator.from_state_dict(p.state_dict()) for p in parts]).compute()
+    unpickled = pickle.loads(pickle.dumps(single)).compute()
+    for result in (merged, unpickled):
+        for key in ("siou", "ppv", "mean_f1", "num_gt_components", "num_images"):
+            assert result[key] == pytest.approx(expected[key], abs=1e-12), key
+        assert result["f1_per_threshold"] == pytest.approx(expected["f1_per_threshold"])
+
+
+def test_component_misuse_raises():
+    scores, labels = np.zeros((4, 4), np.float32), np.zeros((4, 4), np.uint8)
+    with pytest.raises(ValueError, match="threshold is not set"):
+        ComponentMetricAccumulator().add(scores, labels)
+    with pytest.raises(ValueError, match="track"):
+        ComponentMetricAccumulator("lanes")
+    with pytest.raises(ValueError, match="2-D"):
+        ComponentMetricAccumulator(threshold=0.5).add(scores.ravel(), labels.ravel())
+    accumulator = ComponentMetricAccumulator(threshold=0.5)
+    accumulator.add(scores, labels)
+    with pytest.raises(ValueError, match="cannot change the threshold"):
+        accumulator.threshold = 0.4
+    other = ComponentMetricAccumulator("obstacle", 0.5)
+    other.add(scores, labels)
+    with pytest.raises(ValueError, match="same settings"):
+        accumulator.merge(other)
+    with pytest.raises(ValueError, match="1 predictions but 2 references"):
+        compute_metrics([scores], [labels, labels])
+    with pytest.raises(ValueError, match="no best-F1 threshold"):
+        compute_metrics([scores], [labels], components=True)
+
+
+def test_no_component_anywhere_gives_nan_f1():
+    accumulator = ComponentMetricAccumulator(threshold=0.9)
+    accumulator.add(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8))
+    result = accumulator.compute()
+    assert np.isnan(result["mean_f1"]) and np.isnan(result["siou"]) and np.isnan(result["ppv"])

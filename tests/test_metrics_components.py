@@ -114,21 +114,23 @@ def naive_frame(scores, labels, threshold, min_pred, min_gt) -> dict:
     gt, pred = gt[roi], pred[roi]
     out = {k: [] for k in PER_IMAGE_KEYS.values()}
     for k in np.unique(gt[gt > 0]):
-        touching = np.unique(pred[(gt == k) & (pred > 0)])
-        in_c = np.isin(pred, touching)
-        inter = np.sum((gt == k) & in_c)
-        adjustment = np.sum(~np.isin(gt, [0, k]) & in_c)
-        out["siou_gt"].append(inter / (np.sum(in_c) + np.sum(gt == k) - inter - adjustment))
+        out["siou_gt"].append(naive_siou(gt, pred, k)[0])
         out["size_gt"].append(np.sum(gt == k))
     for j in np.unique(pred[pred > 0]):
-        touching = np.unique(gt[(pred == j) & (gt > 0)])
-        in_c = np.isin(gt, touching)
-        inter = np.sum((pred == j) & in_c)
-        adjustment = np.sum(~np.isin(pred, [0, j]) & in_c)
-        out["siou_pred"].append(inter / (np.sum(in_c) + np.sum(pred == j) - inter - adjustment))
+        siou, inter = naive_siou(pred, gt, j)
+        out["siou_pred"].append(siou)
         out["ppv_pred"].append(inter / np.sum(pred == j))
         out["size_pred"].append(np.sum(pred == j))
     return out
+
+
+def naive_siou(mine: np.ndarray, theirs: np.ndarray, k: int) -> tuple[float, int]:
+    """sIoU of component k of `mine` against the components of `theirs` touching it, and the intersection."""
+    touching = np.unique(theirs[(mine == k) & (theirs > 0)])
+    in_c = np.isin(theirs, touching)
+    inter = np.sum((mine == k) & in_c)
+    adjustment = np.sum(~np.isin(mine, [0, k]) & in_c)
+    return inter / (np.sum(in_c) + np.sum(mine == k) - inter - adjustment), inter
 
 
 def blobby_frame(rng: np.random.Generator, shape=(48, 64)) -> tuple[np.ndarray, np.ndarray]:

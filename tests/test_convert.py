@@ -103,7 +103,9 @@ def run_case(tmp_path_factory):
             for view, pixels in (("image", image), ("flipped", np.ascontiguousarray(image[:, ::-1]))):
                 inputs = processor(pixels, return_tensors="pt")
                 with torch.no_grad():
-                    views[view] = model(pixel_values=inputs["pixel_values"], output_auxiliary_logits=True)
+                    views[view] = model(
+                        pixel_values=inputs["pixel_values"], output_auxiliary_logits=True, output_hidden_states=True
+                    )
                 views[f"{view}_pixel_values"] = inputs["pixel_values"]
             _runs[case] = dict(model=model, processor=processor, rgb=image, **views)
         return _runs[case]
@@ -130,7 +132,22 @@ def test_logits_of_every_layer_match_official(case, run_case):
     run = run_case(case)
     assert _max_diff(run["image_pixel_values"][0].numpy(), ref["input_padded"], "input_padded") < 1e-5
 
-    logits, masks = _per_layer(run["image"])
+    # intermediate features first, so a failure says which stage diverged
+    out = run["image"]
+    stages = {f"stats_backbone_res{i + 2}": f for i, f in enumerate(out.encoder_hidden_states)}
+    stages.update({f"stats_multi_scale_{i}": f for i, f in enumerate(out.pixel_decoder_hidden_states)})
+    stages["stats_mask_features"] = out.pixel_decoder_last_hidden_state
+    for name, feature in stages.items():
+        if name in ref:
+            x = feature.double()
+            ours = np.array([x.mean(), x.std(), x.abs().max(), x.abs().mean()])
+            np.testing.assert_allclose(ours, ref[name], rtol=1e-5, atol=1e-4, err_msg=f"{name} [mean, std, absmax, absmean]")
+    for level in range(4):
+        if f"backbone_res{level + 2}" in ref:
+            diff = _max_diff(out.encoder_hidden_states[level][0].numpy(), ref[f"backbone_res{level + 2}"], "backbone")
+            assert diff <= LOGIT_ATOL, f"backbone_res{level + 2}: max abs diff {diff:.3g}"
+
+    logits, masks = _per_layer(out)
     assert logits.shape[0] == ref["aux_pred_logits"].shape[0], "number of prediction heads differs"
     for layer in range(logits.shape[0]):
         diff = _max_diff(logits[layer], ref["aux_pred_logits"][layer], f"class logits of head {layer}")
@@ -141,6 +158,22 @@ def test_logits_of_every_layer_match_official(case, run_case):
     flip_logits, flip_masks = _per_layer(run["flipped"])
     assert _max_diff(flip_logits[-1], ref["flip_pred_logits"], "flip class logits") <= LOGIT_ATOL
     assert _max_diff(flip_masks[-1], ref["flip_pred_masks"], "flip mask logits") <= LOGIT_ATOL
+
+
+@pytest.mark.parametrize(
+    "folder", [f for f in PARITY_FIXTURES if (f / "swin_backbone_odd.npz").is_file()], ids=lambda f: f.name
+)
+def test_swin_backbone_on_odd_unpadded_input(folder, run_case):
+    """The official D2SwinTransformer called alone on an un-padded odd-sized image: exercises the patch
+    embedding's pad-to-4 and every patch merging's odd-size padding, which the 32-padded model never hits."""
+    case = next(c for c in CASES if c[0] == folder)
+    backbone = run_case(case)["model"].model.pixel_level_module.encoder
+    ref = np.load(folder / "swin_backbone_odd.npz")
+    with torch.no_grad():
+        features = backbone(torch.from_numpy(ref["input"])[None]).feature_maps
+    for level, feature in enumerate(features):
+        diff = _max_diff(feature[0].numpy(), ref[f"backbone_res{level + 2}"], f"res{level + 2}")
+        assert diff <= LOGIT_ATOL, f"backbone_res{level + 2}: max abs diff {diff:.3g}"
 
 
 def _refinement_mask(logits: np.ndarray, masks: np.ndarray, kept: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -202,7 +202,8 @@ def model_facts(model_dir: str | os.PathLike) -> dict[str, Any]:
         "refine": processor.get("refine", config.get("refine", True)),
         "flip_tta": processor.get("flip_tta", config.get("flip_tta", True)),
         "anomaly_threshold": config.get("anomaly_threshold", 0.5),
-        "preprocessing": f"RGB, ImageNet mean/std, {resize}, padded to a multiple of {processor.get('size_divisor', 32)}",
+        "preprocessing": f"RGB, ImageNet mean/std, {resize}, padded to a multiple of "
+                         f"{processor.get('size_divisor', 32)}",
     }
 
 
@@ -304,7 +305,8 @@ def render_model_card(
         card_data,
         template_path=str(TEMPLATE_PATH),
         title=f"Mask2Anomaly: {model_name}",
-        summary=summary or f"`{repo_id}` is a Mask2Anomaly road-scene anomaly segmentation model for 🤗 transformers.",
+        summary=summary or f"`{repo_id}` is a Mask2Anomaly road-scene anomaly segmentation model for 🤗 "
+                           "transformers.",
         repo_id=repo_id,
         model=facts,
         results=_result_rows(records),

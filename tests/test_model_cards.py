@@ -65,7 +65,8 @@ def test_card_parses_with_hub_metadata_and_model_index(model_dir, tmp_path):
 
     text = card.text
     for needle in ("trust_remote_code=True", 'pipeline("image-segmentation"', "mask2anomaly-predict",
-                   "@InProceedings{Rai_2023_ICCV", "88.7 / 14.6", "hinge never clips", "| SMIYC RoadAnomaly21 (validation) | 10 | exact | 88.71 | 14.57 | 97.12 | 43.21 | – | 25.00 |"):
+                   "@InProceedings{Rai_2023_ICCV", "88.7 / 14.6", "hinge never clips",
+                   "| SMIYC RoadAnomaly21 (validation) | 10 | exact | 88.71 | 14.57 | 97.12 | 43.21 | – | 25.00 |"):
         assert needle in text, needle
 
 

@@ -37,10 +37,8 @@ from modeling_mask2anomaly.convert import (
 )
 from modeling_mask2anomaly.convert import logger as convert_logger
 from modeling_mask2anomaly.d2_config import (
-    Detectron2Config,
     Detectron2ConfigError,
     UnevaluatedTag,
-    config_from_detectron2,
     config_from_detectron2_yaml,
     load_detectron2_yaml,
 )

@@ -1003,7 +1003,8 @@ def predict_anomaly(
             at a time, so a generator of many images is fine (use `iter_predict_anomaly` to also get results
             lazily).
         flip_tta, refine, scorer: override the processor's settings.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass. Images of a batch are padded to a common size, which changes what
+            the model sees when their sizes differ; the official evaluation runs one image at a time (1).
         device: where to run the model (default: the model's device).
 
     Returns:

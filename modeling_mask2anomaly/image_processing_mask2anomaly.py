@@ -53,11 +53,10 @@ from transformers.models.mask2former.image_processing_pil_mask2former import (
 )
 from transformers.utils import TensorType, logging
 
+from .configuration_mask2anomaly import ANOMALY_SCORERS, CITYSCAPES_REFINE_CLASS_IDS
+
 logger = logging.get_logger(__name__)
 
-ANOMALY_SCORERS: tuple[str, ...] = ("mask2anomaly", "rba", "eam", "msp", "max_logit", "energy")
-# Cityscapes train ids 2..10 (building .. sky): the official refinement classes.
-DEFAULT_REFINE_CLASS_IDS: tuple[int, ...] = tuple(range(2, 11))
 # Extra memory one post-processing block may use: with 100 queries at 1024 x 2048 that is blocks of ~64 rows, a
 # tenth of what upsampling all masks at once takes, in few enough blocks that per-operation overhead stays small.
 DEFAULT_MEMORY_BUDGET_MB: float = 128.0
@@ -470,7 +469,7 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
     outlier_label = 254
     refine = True
     refine_score_threshold = 0.95
-    refine_class_ids = list(DEFAULT_REFINE_CLASS_IDS)
+    refine_class_ids = list(CITYSCAPES_REFINE_CLASS_IDS)
     refine_min_queries = 2
     anomaly_scorer = "mask2anomaly"
     anomaly_threshold = 0.5

@@ -1,7 +1,10 @@
 """`mask2anomaly-eval`: run a Mask2Anomaly model over an anomaly-segmentation benchmark and write its metrics.
 
     mask2anomaly-eval --model DIR_OR_HUB_ID --benchmark smiyc_ra21 --data-dir data/RoadAnomaly21 --output-dir results/
-    accelerate launch --num_processes 2 -m mask2anomaly_eval.run --model ... --benchmark ... --data-dir ...
+    accelerate launch --multi_gpu --num_processes 2 -m mask2anomaly_eval.run --model ... --benchmark ... --data-dir ...
+
+(``--multi_gpu`` also on a machine without accelerator, where it gives a CPU process group; accelerate's ``--cpu``
+starts a single process.)
 
 Every process takes a strided shard of the images (``items[rank::world]``), predicts anomaly maps `--batch-size`
 at a time (`iter_predict_anomaly`: official pre-processing, optional flip TTA and refinement) and adds them to a
@@ -421,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("exact", "smiyc"), default="exact",
                         help="pixel metrics: exact (scikit-learn values) or smiyc (the benchmark's binned curve)")
     parser.add_argument("--components", action="store_true", help="also compute sIoU, PPV and mean F1")
+    parser.add_argument("--track", choices=tuple(TRACK_SIZE_THRESHOLDS), default=None,
+                        help="component track (size thresholds); default: the benchmark's (obstacle for smiyc_ro21), "
+                             "e.g. obstacle for SynthRoad's obstacle split")
     parser.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
     parser.add_argument("--no-refine", action="store_true", help="disable mask refinement")
     parser.add_argument("--scorer", choices=ANOMALY_SCORERS, default=None, help="anomaly scorer (default: the "
@@ -450,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--limit {args.limit}: expected at least 1")
     state = PartialState(cpu=args.cpu or not _has_accelerator())
     try:
-        benchmark = get_benchmark(args.benchmark, args.data_dir)
+        benchmark = get_benchmark(args.benchmark, args.data_dir, track=args.track)
     except (ValueError, FileNotFoundError) as err:
         print(f"mask2anomaly-eval: cannot open benchmark {args.benchmark!r} in {args.data_dir!r}: {err}",
               file=sys.stderr)

@@ -1,0 +1,337 @@
+"""`mask2anomaly-predict`: anomaly maps, heatmaps and semantic maps for image files, folders and globs.
+
+Per image it writes, into `--output-dir`:
+
+- ``<stem>_anomaly.npy``: float32 anomaly scores, height x width of the input image (EXIF orientation applied);
+- ``<stem>_heatmap.png``: the scores as an "inferno"-like colour map blended over the image, with a colour bar;
+- ``<stem>_semantic.png``: the semantic map as a palette PNG with the Cityscapes colours;
+
+each written to a temporary file in the output folder and renamed into place, so an interrupted or failed run
+never leaves a partial file. It prints one summary line per image (max score, anomalous area at the threshold)
+and one line per unreadable input naming the file and the reason; the exit status is 1 when any input failed.
+
+Images are read and predicted `--batch-size` at a time (`predict_anomaly`), so memory is bounded by one batch
+however many images there are; the processor resizes to shortest side 1024 / longest 2048 unless `--no-resize`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .image_processing_mask2anomaly import (
+    ANOMALY_SCORERS,
+    AnomalyPrediction,
+    Mask2AnomalyImageProcessor,
+    load_image,
+    predict_anomaly,
+)
+from .modeling_mask2anomaly import Mask2AnomalyForUniversalSegmentation
+from .visualize import anomaly_summary, default_score_range, render_heatmap, render_semantic
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_SUFFIXES: tuple[str, ...] = ("_anomaly.npy", "_heatmap.png", "_semantic.png")
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+
+
+def image_extensions() -> frozenset[str]:
+    """File extensions PIL can open (lower case, with the dot): what folders and globs are filtered on."""
+    return frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+def collect_inputs(sources: Sequence[str], exclude_dir: str | os.PathLike | None = None) -> tuple[list[Path], list[str]]:
+    """
+    Expand files, folders (recursively) and glob patterns into a sorted, de-duplicated list of image paths.
+
+    Files named explicitly are always taken (a bad one is then reported as bad); files found in folders or by a
+    glob are taken when their extension is an image extension, and never from inside `exclude_dir` (the output
+    folder, so a second run does not predict on its own heatmaps).
+
+    Returns:
+        (paths, problems): the paths in order, and one message per source that matched nothing.
+    """
+    extensions = image_extensions()
+    excluded = Path(exclude_dir).resolve() if exclude_dir is not None else None
+
+    def wanted(path: Path) -> bool:
+        if path.suffix.lower() not in extensions:
+            return False
+        return excluded is None or excluded not in path.resolve().parents
+
+    paths: list[Path] = []
+    problems: list[str] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and wanted(p))
+            if not found:
+                problems.append(f"{source}: folder holds no image files ({', '.join(sorted(extensions)[:6])}, ...)")
+        elif path.is_file():
+            found = [path]
+        elif glob.has_magic(source):
+            found = sorted(p for p in map(Path, glob.glob(source, recursive=True)) if p.is_file() and wanted(p))
+            if not found:
+                problems.append(f"{source}: pattern matches no image files")
+        else:
+            problems.append(f"{source}: no such file or folder")
+            continue
+        paths.extend(found)
+    # the same file reached twice (named and inside a folder) is predicted once, under the name it first came by
+    seen: set[Path] = set()
+    unique: list[Path] = []
+    for path in paths:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    return unique, problems
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """Output name stems: the file stem, made unique with ``-2``, ``-3``, ... when two inputs share one."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        stem = path.stem
+        count = seen.get(stem, 0) + 1
+        seen[stem] = count
+        stems.append(stem if count == 1 else f"{stem}-{count}")
+    return stems
+
+
+# ------------------------------------------------------------------------------------------------------ outputs
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(target: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write `target` through `write(file)` into a temporary file beside it, then rename it into place."""
+    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as temp_file:
+            write(temp_file)
+            temp_file.flush()
+            os.fsync(temp_file.fileno())
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would
+        os.chmod(temp_name, 0o666 & ~_umask())
+        os.replace(temp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+
+
+def write_outputs(
+    output_dir: Path,
+    stem: str,
+    image: np.ndarray,
+    prediction: AnomalyPrediction,
+    scorer: str,
+    threshold: float,
+) -> list[Path]:
+    """Write the three outputs of one image; on any failure remove the ones already written, then re-raise."""
+    targets = [output_dir / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES]
+    anomaly = np.ascontiguousarray(prediction.anomaly_map, dtype=np.float32)
+    vmin, vmax = default_score_range(anomaly, scorer)
+    try:
+        write_atomically(targets[0], lambda f: np.save(f, anomaly, allow_pickle=False))
+        heatmap = render_heatmap(image, anomaly, vmin, vmax, threshold=threshold)
+        write_atomically(targets[1], lambda f: heatmap.save(f, format="PNG"))
+        del heatmap
+        semantic = render_semantic(prediction.semantic_map)
+        write_atomically(targets[2], lambda f: semantic.save(f, format="PNG"))
+    except BaseException:
+        for target in targets:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+        raise
+    return targets
+
+
+def summary_line(name: str, anomaly_map: np.ndarray, threshold: float) -> str:
+    """One line per image: size, max score and the share of pixels above the threshold."""
+    summary = anomaly_summary(anomaly_map, threshold)
+    height, width = anomaly_map.shape
+    return (f"{name}: {width}x{height}, max score {summary['max_score']:.3f}, "
+            f"anomalous area {100 * summary['anomalous_fraction']:.2f}% (score > {threshold:g})")
+
+
+# ------------------------------------------------------------------------------------------------------ model
+
+
+def resolve_device(device: str) -> torch.device:
+    """`cpu`, `cuda[:i]` or `auto` (cuda when available) as a torch device; cuda without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device; expected cpu, cuda, cuda:N or auto") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r} asked for CUDA but torch sees no GPU; use --device cpu or auto")
+    return resolved
+
+
+def load_model(
+    model_name_or_path: str, device: torch.device
+) -> tuple[Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor]:
+    """The model and its processor from a folder or a Hub id (the Hub cache works offline); a folder without a
+    preprocessor_config.json gets the processor built from the model config."""
+    model = Mask2AnomalyForUniversalSegmentation.from_pretrained(model_name_or_path).to(device).eval()
+    try:
+        processor = Mask2AnomalyImageProcessor.from_pretrained(model_name_or_path)
+    except OSError:
+        logger.warning(f"{model_name_or_path} has no preprocessor_config.json; using the model config's settings "
+                       f"with the official pre-processing")
+        processor = Mask2AnomalyImageProcessor.from_model_config(model.config)
+    return model, processor
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mask2anomaly-predict",
+        description="Anomaly maps (.npy), heatmaps and Cityscapes semantic maps (PNG) for road images.",
+    )
+    parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) and glob patterns")
+    parser.add_argument("--model", required=True, help="model folder or Hub id (loads from the cache offline)")
+    parser.add_argument("--output-dir", default="outputs/predict", help="where outputs go (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    parser.add_argument("--no-refine", action="store_true", help="turn off mask refinement by confident stuff masks")
+    parser.add_argument("--no-flip", action="store_true", help="turn off horizontal-flip test-time augmentation")
+    parser.add_argument("--no-resize", action="store_true",
+                        help="keep each image's own size (still padded to a multiple of 32)")
+    parser.add_argument("--scorer", choices=ANOMALY_SCORERS, default=None,
+                        help="per-pixel anomaly score (default: the model's anomaly_scorer)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="anomaly decision threshold for the summary and the colour bar mark "
+                             "(default: the model's anomaly_threshold)")
+    return parser
+
+
+@dataclass
+class _Loaded:
+    path: Path
+    stem: str
+    image: np.ndarray
+
+
+def _read_batches(paths: Sequence[Path], stems: Sequence[str], batch_size: int,
+                  processed_size: Callable[[tuple[int, int]], tuple[int, int]],
+                  report: Callable[[Path, str], None]) -> Iterator[list[_Loaded]]:
+    """
+    Read images and group them into batches of at most `batch_size` consecutive images of one processed size;
+    bad files are reported and skipped.
+
+    Only same-size images share a batch: padding a smaller image to a batch-mate's size changes what the network
+    sees (and the official evaluation runs one image at a time), so results must not depend on `--batch-size`.
+    """
+    batch: list[_Loaded] = []
+    batch_size_key: tuple[int, int] | None = None
+    for path, stem in zip(paths, stems):
+        try:
+            item = _Loaded(path, stem, np.asarray(load_image(path)))
+        except (ValueError, OSError, MemoryError) as err:
+            report(path, str(err))
+            continue
+        key = processed_size(item.image.shape[:2])
+        if batch and (key != batch_size_key or len(batch) == batch_size):
+            yield batch
+            batch = []
+        batch.append(item)
+        batch_size_key = key
+    if batch:
+        yield batch
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0: every input predicted, 1: some failed, 2: bad arguments)."""
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        print(f"mask2anomaly-predict: --batch-size must be at least 1; got {args.batch_size}", file=sys.stderr)
+        return 2
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        print(f"mask2anomaly-predict: {err}", file=sys.stderr)
+        return 2
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths, problems = collect_inputs(args.inputs, exclude_dir=output_dir)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not paths:
+        print("mask2anomaly-predict: no input images", file=sys.stderr)
+        return 1
+
+    model, processor = load_model(args.model, device)
+    if args.no_resize:
+        # the processor derives the un-padded size from its own do_resize, so post-processing crops consistently
+        processor.do_resize = False
+    flip_tta = processor.flip_tta and not args.no_flip
+    refine = processor.refine and not args.no_refine
+    scorer = args.scorer or processor.anomaly_scorer
+    threshold = processor.anomaly_threshold if args.threshold is None else args.threshold
+
+    failures = len(problems)
+    progress = tqdm(total=len(paths), desc="mask2anomaly-predict", unit="image", file=sys.stderr)
+
+    def report(path: Path, reason: str) -> None:
+        nonlocal failures
+        failures += 1
+        # the reason from load_image already names the file; say it once
+        message = reason if os.fspath(path) in reason else f"{path}: {reason}"
+        tqdm.write(f"error: {message}", file=sys.stderr)
+        progress.update(1)
+
+    for batch in _read_batches(paths, output_stems(paths), args.batch_size, processor.processed_size, report):
+        try:
+            predictions = predict_anomaly(model, processor, [item.image for item in batch], flip_tta=flip_tta,
+                                          refine=refine, scorer=scorer, batch_size=len(batch), device=device)
+        except (RuntimeError, ValueError, MemoryError) as err:
+            for item in batch:
+                report(item.path, f"prediction failed ({err})")
+            continue
+        for item, prediction in zip(batch, predictions):
+            try:
+                write_outputs(output_dir, item.stem, item.image, prediction, scorer, threshold)
+            except (OSError, ValueError) as err:
+                report(item.path, f"could not write its outputs to {output_dir} ({err})")
+                continue
+            tqdm.write(summary_line(os.fspath(item.path), prediction.anomaly_map, threshold))
+            progress.update(1)
+        del predictions, batch
+    progress.close()
+    if failures:
+        print(f"mask2anomaly-predict: {failures} input(s) failed; outputs of the others are in {output_dir}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Hub serving: the Inference Endpoints handler called locally with a request in the endpoint's format, and the
+Space app's prediction function (without gradio). Both load the model folder through its remote code."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from modeling_mask2anomaly import CITYSCAPES_CLASSES
+from modeling_mask2anomaly.visualize import CITYSCAPES_PALETTE
+from test_pipeline import isolated_remote_code, random_image, save_tiny_model  # noqa: F401  (fixture)
+from test_pipeline import single_thread  # noqa: F401  (autouse fixture: one torch thread)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_module(path: Path, name: str) -> ModuleType:
+    """Import a file that is not part of the package (the handler template, the Space app) by its path."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _png_base64(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@pytest.mark.parametrize("behaviour, expect_anomaly", [("anomalous", True), ("normal", False)])
+def test_endpoint_handler_request(tmp_path, isolated_remote_code, behaviour, expect_anomaly):
+    folder = save_tiny_model(tmp_path / "model", behaviour)
+    handler_module = _load_module(REPO / "handler.py", "mask2anomaly_endpoint_handler")
+    handler = handler_module.EndpointHandler(path=str(folder))
+    # served from the folder's remote code, not from this package
+    assert type(handler.pipeline).__module__.startswith("transformers_modules.")
+
+    image = random_image(26, 34, seed=11)
+    response = handler({"inputs": _png_base64(image), "parameters": {"flip_tta": False}})
+    assert isinstance(response, list) and response
+    labels = [entry["label"] for entry in response]
+    assert ("anomaly" in labels) is expect_anomaly
+    assert set(labels) - {"anomaly"} <= set(CITYSCAPES_CLASSES)
+    class_masks = []
+    for entry in response:
+        assert set(entry) == {"label", "score", "mask"} and isinstance(entry["score"], float)
+        mask = Image.open(io.BytesIO(base64.b64decode(entry["mask"], validate=True)))
+        assert mask.format == "PNG" and mask.mode == "L" and mask.size == (34, 26)
+        values = np.asarray(mask)
+        assert set(np.unique(values)) <= {0, 255}
+        if entry["label"] == "anomaly":
+            assert (values == 255).all() and entry["score"] > 0.99  # every query says "no object"
+        else:
+            class_masks.append(values == 255)
+    assert (np.sum(class_masks, axis=0) == 1).all(), "class masks tile the image"
+
+    # a data: URI and raw bytes are the same request; a PIL image too
+    data_uri = "data:image/png;base64," + _png_base64(image)
+    raw = base64.b64decode(_png_base64(image))
+    for inputs in (data_uri, raw, Image.fromarray(image)):
+        again = handler({"inputs": inputs, "parameters": {"flip_tta": False}})
+        assert [e["label"] for e in again] == labels and [e["mask"] for e in again] == [e["mask"] for e in response]
+
+
+def test_endpoint_handler_refuses_bad_requests(tmp_path, isolated_remote_code):
+    folder = save_tiny_model(tmp_path / "model", "random")
+    handler = _load_module(REPO / "handler.py", "mask2anomaly_endpoint_handler").EndpointHandler(str(folder))
+    with pytest.raises(ValueError, match="not valid base64"):
+        handler({"inputs": "/etc/passwd"})  # never read as a path on the endpoint
+    with pytest.raises(ValueError, match="not a decodable image|Cannot read"):
+        handler({"inputs": base64.b64encode(b"plain text, not a picture").decode()})
+    with pytest.raises(ValueError, match=r"Unknown parameter\(s\) \['colour'\]"):
+        handler({"inputs": _png_base64(random_image(8, 8)), "parameters": {"colour": "red"}})
+    with pytest.raises(ValueError, match="'inputs'"):
+        handler({"image": "..."})
+
+
+def test_space_predict_without_gradio(tmp_path, isolated_remote_code, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # gradio must only be needed to build the page
+    folder = save_tiny_model(tmp_path / "model", "anomalous")
+    app = _load_module(REPO / "app" / "app.py", "mask2anomaly_space_app")
+    monkeypatch.setenv("MASK2ANOMALY_MODEL", str(folder))
+    heatmap, semantic, summary = app.predict(Image.fromarray(random_image(30, 42, seed=12)))
+    assert heatmap.mode == "RGB" and heatmap.height >= 30 and heatmap.width > 42
+    assert semantic.mode == "RGB" and semantic.size == (42, 30)
+    assert set(map(tuple, np.asarray(semantic).reshape(-1, 3))) <= set(CITYSCAPES_PALETTE)
+    # "no object" everywhere: anomaly ~ 1 on every pixel
+    assert "anomalous area 100.00%" in summary and "max anomaly score 1.000" in summary
+    with pytest.raises(ModuleNotFoundError):
+        app.build_demo()

@@ -13,7 +13,12 @@ from transformers import (
     AutoModelForUniversalSegmentation,
 )
 
-from .configuration_mask2anomaly import CITYSCAPES_CLASSES, CITYSCAPES_REFINE_CLASS_IDS, Mask2AnomalyConfig
+from .configuration_mask2anomaly import (
+    ANOMALY_SCORERS,
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_REFINE_CLASS_IDS,
+    Mask2AnomalyConfig,
+)
 from .image_processing_mask2anomaly import (
     AnomalyPrediction,
     Mask2AnomalyImageProcessor,
@@ -39,6 +44,7 @@ AutoImageProcessor.register(Mask2AnomalyConfig, image_processor_classes={"pil": 
 Mask2AnomalyImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
+    "ANOMALY_SCORERS",
     "AnomalyPrediction",
     "CITYSCAPES_CLASSES",
     "CITYSCAPES_REFINE_CLASS_IDS",

@@ -15,6 +15,7 @@ This file travels to the Hub as remote code: it imports only torch, transformers
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass
@@ -350,13 +351,33 @@ class Mask2AnomalyTransformerModule(Mask2FormerTransformerModule):
 # Models
 # --------------------------------------------------------------------------------------------------------------
 # The files that travel with a saved model as remote code, and the Auto classes they serve.
-REMOTE_CODE_FILES = ("configuration_mask2anomaly.py", "modeling_mask2anomaly.py", "image_processing_mask2anomaly.py")
+REMOTE_CODE_FILES = (
+    "configuration_mask2anomaly.py",
+    "modeling_mask2anomaly.py",
+    "image_processing_mask2anomaly.py",
+    "pipeline_mask2anomaly.py",
+    "visualize.py",
+)
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_mask2anomaly.Mask2AnomalyConfig",
     "AutoModel": "modeling_mask2anomaly.Mask2AnomalyModel",
     "AutoModelForUniversalSegmentation": "modeling_mask2anomaly.Mask2AnomalyForUniversalSegmentation",
     "AutoModelForImageSegmentation": "modeling_mask2anomaly.Mask2AnomalyForUniversalSegmentation",
     "AutoImageProcessor": "image_processing_mask2anomaly.Mask2AnomalyImageProcessor",
+}
+# `pipeline("image-segmentation" | "anomaly-segmentation", model=folder, trust_remote_code=True)` finds these in
+# config.json before transformers' own task list.
+REMOTE_CODE_CUSTOM_PIPELINES = {
+    "image-segmentation": {
+        "impl": "pipeline_mask2anomaly.Mask2AnomalySegmentationPipeline",
+        "pt": ["AutoModelForImageSegmentation"],
+        "type": "image",
+    },
+    "anomaly-segmentation": {
+        "impl": "pipeline_mask2anomaly.Mask2AnomalyMapPipeline",
+        "pt": ["AutoModelForImageSegmentation"],
+        "type": "image",
+    },
 }
 
 
@@ -389,9 +410,11 @@ class Mask2AnomalyPreTrainedModel(Mask2FormerPreTrainedModel):
             nn.init.zeros_(module.cross_attn_background.in_proj_bias)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """[`PreTrainedModel.save_pretrained`], plus the remote-code files and an `auto_map` for every Auto
-        class, so the folder loads with `trust_remote_code=True` where this package is not installed."""
+        """[`PreTrainedModel.save_pretrained`], plus the remote-code files, an `auto_map` for every Auto class
+        and the custom pipelines, so the folder loads (and serves `pipeline(...)`) with `trust_remote_code=True`
+        where this package is not installed."""
         self.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
+        self.config.custom_pipelines = copy.deepcopy(REMOTE_CODE_CUSTOM_PIPELINES)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             copy_remote_code(save_directory)
@@ -534,6 +557,7 @@ class Mask2AnomalyForUniversalSegmentation(Mask2AnomalyPreTrainedModel, Mask2For
 
 __all__ = [
     "REMOTE_CODE_AUTO_MAP",
+    "REMOTE_CODE_CUSTOM_PIPELINES",
     "copy_remote_code",
     "Mask2AnomalyForUniversalSegmentation",
     "Mask2AnomalyModel",

@@ -39,21 +39,6 @@ from .visualize import anomaly_mask, anomaly_summary, default_score_range, rende
 
 logger = logging.get_logger(__name__)
 
-# What a saved model's config.json holds as `custom_pipelines`: task -> implementation in this file and the Auto
-# class that loads the model (resolved by transformers' `pipeline()` with trust_remote_code=True).
-CUSTOM_PIPELINES: dict[str, dict[str, Any]] = {
-    "image-segmentation": {
-        "impl": "pipeline_mask2anomaly.Mask2AnomalySegmentationPipeline",
-        "pt": ["AutoModelForImageSegmentation"],
-        "type": "image",
-    },
-    "anomaly-segmentation": {
-        "impl": "pipeline_mask2anomaly.Mask2AnomalyMapPipeline",
-        "pt": ["AutoModelForImageSegmentation"],
-        "type": "image",
-    },
-}
-
 ANOMALY_LABEL = "anomaly"
 
 
@@ -279,7 +264,6 @@ if "anomaly-segmentation" not in PIPELINE_REGISTRY.supported_tasks:
 
 __all__ = [
     "ANOMALY_LABEL",
-    "CUSTOM_PIPELINES",
     "Mask2AnomalyMapPipeline",
     "Mask2AnomalySegmentationPipeline",
     "read_image",

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -199,7 +200,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     Read an image file as an RGB PIL image with its EXIF orientation applied (as detectron2's ``read_image``).
 
     Raises:
-        ValueError: naming the file and the reason when it is missing, empty, truncated or not an image.
+        ValueError: naming the file and the reason when it is missing, empty, truncated, not an image, or larger
+            than PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`; PIL refuses images of more than
+            twice the limit and warns above it, and the warning is refused too where warnings are errors).
     """
     name = os.fspath(path)
     if not os.path.isfile(name):
@@ -213,8 +216,23 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return _pil_to_rgb(oriented).copy()
     except UnidentifiedImageError as err:
         raise ValueError(f"Cannot read image {name!r}: not an image format PIL can decode") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(_pixel_limit_message(name, err)) from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"Cannot read image {name!r}: truncated or corrupt image data ({err})") from err
+
+
+def _pixel_limit_message(name: str, err: Exception) -> str:
+    """Why PIL refused `name` as a possible decompression bomb, and how to read it anyway."""
+    # PIL raises before the image object exists; its message is the only place that holds the pixel count
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(found.group(1)):,} pixels" if found else "more pixels than allowed"
+    limit = Image.MAX_IMAGE_PIXELS
+    refused = "twice " if isinstance(err, Image.DecompressionBombError) else ""
+    return (f"Cannot read image {name!r}: it has {size}, more than {refused}PIL's limit PIL.Image.MAX_IMAGE_PIXELS "
+            f"= {limit:,} (a guard against decompression bombs). If the file is trusted, raise the limit before "
+            f"reading it: `PIL.Image.MAX_IMAGE_PIXELS = {found.group(1) if found else '<pixels>'}` (None turns the "
+            f"check off)")
 
 
 def _to_label_map(segmentation_map: Any) -> np.ndarray:

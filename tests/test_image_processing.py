@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -509,6 +510,34 @@ def test_bad_inputs_name_the_value(tmp_path):
         load_image(truncated)
     with pytest.raises(ValueError, match="anomaly_scorer='bogus'"):
         Mask2AnomalyImageProcessor(anomaly_scorer="bogus")
+
+
+def test_load_image_names_the_pixel_limit(tmp_path, monkeypatch):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (12, 10), (1, 2, 3)).save(path)  # 120 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # PIL refuses more than 2 * 50 pixels
+    with pytest.raises(ValueError) as caught:
+        load_image(path)
+    message = str(caught.value)
+    assert "wide.png" in message and "120 pixels" in message
+    assert "MAX_IMAGE_PIXELS" in message and "= 50" in message
+    assert "MAX_IMAGE_PIXELS = 120" in message, "says which limit would read the file"
+    assert "truncated" not in message and "corrupt" not in message
+    assert isinstance(caught.value.__cause__, Image.DecompressionBombError)
+
+    # between the limit and twice the limit PIL only warns: the image is read, unless warnings are errors
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert load_image(path).size == (12, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(ValueError, match=r"wide\.png.*120 pixels.*MAX_IMAGE_PIXELS = 100"):
+            load_image(path)
+    # following the advice reads it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        assert np.array_equal(np.asarray(load_image(path)), np.full((10, 12, 3), (1, 2, 3), np.uint8))
 
 
 def test_load_image_applies_exif_orientation(tmp_path):

@@ -37,9 +37,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ DEFAULT_MEMORY_BUDGET_MB: float = 128.0
 MASK_STRIDE: int = 4
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
+T = TypeVar("T")
 
 
 class Mask2AnomalyImageProcessorKwargs(Mask2FormerImageProcessorKwargs, total=False):
@@ -935,15 +936,38 @@ class AnomalyPrediction:
     semantic_map: np.ndarray  # (H, W) uint8 class ids (int64 when the model has more than 255 classes)
 
 
-def _batches(images: Iterable[ImageLike], batch_size: int) -> Iterator[list[np.ndarray]]:
-    batch: list[np.ndarray] = []
-    for image in images:
-        batch.append(to_rgb_uint8(image))
-        if len(batch) == batch_size:
+def batches_of_equal_size(
+    items: Iterable[T], batch_size: int, size_of: Callable[[T], tuple[int, int]]
+) -> Iterator[list[T]]:
+    """
+    Group consecutive `items` into batches of at most `batch_size` items whose `size_of` (the processed size of the
+    image) is the same, in input order; items are drawn lazily, one batch (plus the item that closes it) at a time.
+
+    Only images of one processed size share a batch: padding an image to a larger batch-mate's size changes what
+    the network sees (and the official evaluation runs one image at a time), so results must not depend on the
+    batch size. A change of size closes the batch, so inputs sorted or grouped by size batch best.
+    """
+    batch: list[T] = []
+    batch_key: tuple[int, int] | None = None
+    for item in items:
+        key = size_of(item)
+        if batch and (key != batch_key or len(batch) == batch_size):
             yield batch
             batch = []
+        batch.append(item)
+        batch_key = key
     if batch:
         yield batch
+
+
+def _input_placement(model: torch.nn.Module, device: str | torch.device | None) -> tuple[torch.device, torch.dtype]:
+    """Device (`device`, else the model's) and floating dtype of the model's inputs: those of its first
+    floating-point parameter (cpu / float32 for a model without one)."""
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = torch.float32 if parameter is None else parameter.dtype
+    if device is None:
+        device = torch.device("cpu") if parameter is None else parameter.device
+    return torch.device(device), dtype
 
 
 def iter_predict_anomaly(
@@ -955,29 +979,36 @@ def iter_predict_anomaly(
     scorer: str | None = None,
     batch_size: int = 1,
     device: str | torch.device | None = None,
+    do_resize: bool | None = None,
 ) -> Iterator[AnomalyPrediction]:
-    """Generator form of `predict_anomaly`: reads `images` lazily and yields one prediction per image."""
+    """Generator form of `predict_anomaly`: reads `images` lazily and yields one prediction per image, in order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
     flip_tta = image_processor.flip_tta if flip_tta is None else flip_tta
-    if device is None:
-        device = next(iter(model.parameters()), torch.empty(0)).device
+    do_resize = image_processor.do_resize if do_resize is None else bool(do_resize)
+    device, dtype = _input_placement(model, device)
     if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
         images = [images]
+
+    def processed_size(array: np.ndarray) -> tuple[int, int]:
+        return image_processor.processed_size(array.shape[:2], do_resize)
+
+    def forward(arrays: list[np.ndarray]) -> Any:
+        inputs = image_processor(arrays, do_resize=do_resize, return_tensors="pt")
+        with torch.no_grad():
+            # in the model's dtype, so that bfloat16/float16 models take the float32 pre-processing
+            return model(pixel_values=inputs["pixel_values"].to(device=device, dtype=dtype))
+
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(images, batch_size):
+        arrays = (to_rgb_uint8(image) for image in images)
+        for batch in batches_of_equal_size(arrays, batch_size, processed_size):
             original_sizes = [image.shape[:2] for image in batch]
-
-            def forward(arrays: list[np.ndarray]) -> Any:
-                inputs = image_processor(arrays, return_tensors="pt")
-                with torch.no_grad():
-                    return model(pixel_values=inputs["pixel_values"].to(device))
-
+            processed_sizes = [processed_size(image) for image in batch]
             outputs = forward(batch)
             maps = image_processor._dense_maps(
-                outputs, original_sizes, None, scorer=scorer, refine=refine, refine_min_queries=None,
+                outputs, original_sizes, processed_sizes, scorer=scorer, refine=refine, refine_min_queries=None,
                 want_anomaly=True, want_semantic=True, memory_budget_mb=None,
             )
             del outputs
@@ -985,7 +1016,7 @@ def iter_predict_anomaly(
                 # the official script flips the original image (before resizing), not the padded tensor
                 flipped = image_processor.post_process_anomaly_segmentation(
                     forward([np.ascontiguousarray(image[:, ::-1]) for image in batch]), original_sizes,
-                    refine=refine, scorer=scorer,
+                    refine=refine, scorer=scorer, image_sizes=processed_sizes,
                 )
                 for item, flipped_map in zip(maps, flipped):
                     item["anomaly_map"] = (item["anomaly_map"] + flipped_map.flip(-1)) / 2
@@ -1007,6 +1038,7 @@ def predict_anomaly(
     scorer: str | None = None,
     batch_size: int = 1,
     device: str | torch.device | None = None,
+    do_resize: bool | None = None,
 ) -> list[AnomalyPrediction]:
     """
     Anomaly and semantic maps for images, in one call: pre-process, run `model` in eval mode without gradients,
@@ -1014,27 +1046,32 @@ def predict_anomaly(
     images' maps flipped back (official: `(a + fliplr(a_flip)) / 2`, refinement per view).
 
     Args:
-        model: a Mask2Anomaly/Mask2Former model returning `class_queries_logits` and `masks_queries_logits`.
+        model: a Mask2Anomaly/Mask2Former model returning `class_queries_logits` and `masks_queries_logits`, in any
+            floating dtype (`pixel_values` are cast to the dtype of its parameters; the maps are float32).
         image_processor: the model's `Mask2AnomalyImageProcessor`.
-        images: one image or an iterable of images (PIL, arrays, tensors or file paths); read lazily, `batch_size`
-            at a time, so a generator of many images is fine (use `iter_predict_anomaly` to also get results
-            lazily).
+        images: one image or an iterable of images (PIL, arrays, tensors or file paths); read lazily, one batch at
+            a time, so a generator of many images is fine (use `iter_predict_anomaly` to also get results lazily).
         flip_tta, refine, scorer: override the processor's settings.
-        batch_size: images per forward pass. Images of a batch are padded to a common size, which changes what
-            the model sees when their sizes differ; the official evaluation runs one image at a time (1).
-        device: where to run the model (default: the model's device).
+        batch_size: at most this many images per forward pass. Only consecutive images of the same processed size
+            share a pass (`batches_of_equal_size`): padding to a batch-mate's size would change what the model sees,
+            so the results do not depend on `batch_size`.
+        device: where the inputs go (default: the model's device).
+        do_resize: resize as the processor's `size` says (default: the processor's `do_resize`); False keeps each
+            image's own size (still padded to a multiple of `size_divisor`). The processor is not changed.
 
     Returns:
-        `list[AnomalyPrediction]`: per image `anomaly_map` (H, W) float32 and `semantic_map` (H, W) from the
-        un-flipped view, at the original size.
+        `list[AnomalyPrediction]`: per image, in input order, `anomaly_map` (H, W) float32 and `semantic_map` (H, W)
+        from the un-flipped view, at the original size.
     """
-    return list(iter_predict_anomaly(model, image_processor, images, flip_tta, refine, scorer, batch_size, device))
+    return list(iter_predict_anomaly(model, image_processor, images, flip_tta=flip_tta, refine=refine, scorer=scorer,
+                                     batch_size=batch_size, device=device, do_resize=do_resize))
 
 
 __all__ = [
     "ANOMALY_SCORERS",
     "AnomalyPrediction",
     "Mask2AnomalyImageProcessor",
+    "batches_of_equal_size",
     "get_resize_output_size",
     "iter_predict_anomaly",
     "load_image",

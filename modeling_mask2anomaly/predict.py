@@ -10,8 +10,10 @@ each written to a temporary file in the output folder and renamed into place, so
 never leaves a partial file. It prints one summary line per image (max score, anomalous area at the threshold)
 and one line per unreadable input naming the file and the reason; the exit status is 1 when any input failed.
 
-Images are read and predicted `--batch-size` at a time (`predict_anomaly`), so memory is bounded by one batch
-however many images there are; the processor resizes to shortest side 1024 / longest 2048 unless `--no-resize`.
+Images are read lazily and predicted up to `--batch-size` at a time (`predict_anomaly`), so memory is bounded by
+one batch however many images there are; only consecutive images of the same processed size share a batch, so the
+maps do not depend on `--batch-size`. The processor resizes to shortest side 1024 / longest 2048 unless
+`--no-resize`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .image_processing_mask2anomaly import (
     ANOMALY_SCORERS,
     AnomalyPrediction,
     Mask2AnomalyImageProcessor,
+    batches_of_equal_size,
     load_image,
     predict_anomaly,
 )
@@ -240,32 +243,16 @@ class _Loaded:
     image: np.ndarray
 
 
-def _read_batches(paths: Sequence[Path], stems: Sequence[str], batch_size: int,
-                  processed_size: Callable[[tuple[int, int]], tuple[int, int]],
-                  report: Callable[[Path, str], None]) -> Iterator[list[_Loaded]]:
-    """
-    Read images and group them into batches of at most `batch_size` consecutive images of one processed size;
-    bad files are reported and skipped.
-
-    Only same-size images share a batch: padding a smaller image to a batch-mate's size changes what the network
-    sees (and the official evaluation runs one image at a time), so results must not depend on `--batch-size`.
-    """
-    batch: list[_Loaded] = []
-    batch_size_key: tuple[int, int] | None = None
+def _read_images(paths: Sequence[Path], stems: Sequence[str],
+                 report: Callable[[Path, str], None]) -> Iterator[_Loaded]:
+    """Read the images one at a time, in order; bad files are reported and skipped."""
     for path, stem in zip(paths, stems):
         try:
-            item = _Loaded(path, stem, np.asarray(load_image(path)))
+            image = np.asarray(load_image(path))
         except (ValueError, OSError, MemoryError) as err:
             report(path, str(err))
             continue
-        key = processed_size(item.image.shape[:2])
-        if batch and (key != batch_size_key or len(batch) == batch_size):
-            yield batch
-            batch = []
-        batch.append(item)
-        batch_size_key = key
-    if batch:
-        yield batch
+        yield _Loaded(path, stem, image)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -289,9 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
     model, processor = load_model(args.model, device)
-    if args.no_resize:
-        # the processor derives the un-padded size from its own do_resize, so post-processing crops consistently
-        processor.do_resize = False
+    do_resize = False if args.no_resize else None  # None: the processor's own setting
     flip_tta = processor.flip_tta and not args.no_flip
     refine = processor.refine and not args.no_refine
     scorer = args.scorer or processor.anomaly_scorer
@@ -308,10 +293,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         tqdm.write(f"error: {message}", file=sys.stderr)
         progress.update(1)
 
-    for batch in _read_batches(paths, output_stems(paths), args.batch_size, processor.processed_size, report):
+    def processed_size(item: _Loaded) -> tuple[int, int]:
+        return processor.processed_size(item.image.shape[:2], do_resize)
+
+    # batches of one processed size, as predict_anomaly forms them, so that a failed pass is reported per file
+    images = _read_images(paths, output_stems(paths), report)
+    for batch in batches_of_equal_size(images, args.batch_size, processed_size):
         try:
             predictions = predict_anomaly(model, processor, [item.image for item in batch], flip_tta=flip_tta,
-                                          refine=refine, scorer=scorer, batch_size=len(batch), device=device)
+                                          refine=refine, scorer=scorer, batch_size=len(batch), device=device,
+                                          do_resize=do_resize)
         except (RuntimeError, ValueError, MemoryError) as err:
             for item in batch:
                 report(item.path, f"prediction failed ({err})")

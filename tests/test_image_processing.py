@@ -341,6 +341,78 @@ def test_predict_anomaly_flip_tta_matches_manual_flipping():
     )
 
 
+class _RecordingStub(_ImageDependentStub):
+    """The stub, recording the shape of every batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
+        self.shapes.append(tuple(pixel_values.shape))
+        return super().forward(pixel_values)
+
+
+def _stub_reference(model, processor, image: np.ndarray, do_resize: bool = True, flip: bool = True) -> np.ndarray:
+    """The anomaly map of one image on its own, from the model outputs and post-processing called here."""
+    size = [image.shape[:2]]
+    image_sizes = None if do_resize else size
+    views = []
+    for array in (image, image[:, ::-1])[: 2 if flip else 1]:
+        pixel_values = processor(np.ascontiguousarray(array), do_resize=do_resize, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            out = _ImageDependentStub.forward(model, pixel_values)
+        views.append(processor.post_process_anomaly_segmentation(out, size, image_sizes=image_sizes)[0].numpy())
+    return (views[0] + np.fliplr(views[1])) / 2 if flip else views[0]
+
+
+def test_predict_anomaly_batches_only_images_of_one_processed_size():
+    gen = np.random.default_rng(3)
+    shapes = [(37, 53), (20, 70), (74, 106), (37, 53), (50, 50), (50, 50), (50, 50), (37, 53), (20, 70)]
+    images = [gen.integers(0, 256, (*shape, 3), dtype=np.uint8) for shape in shapes]
+    processor = Mask2AnomalyImageProcessor(size={"shortest_edge": 48, "longest_edge": 96})
+    # processed sizes: 48x69 (both 37x53 and 74x106), 27x96, 48x48
+    assert processor.processed_size((74, 106)) == processor.processed_size((37, 53)) != processor.processed_size((20, 70))
+    model = _RecordingStub()
+    single = predict_anomaly(model, processor, images, batch_size=1)
+    model.shapes.clear()
+    read = []
+
+    def lazily():
+        for index, image in enumerate(images):
+            read.append(index)
+            yield image
+
+    stream = iter_predict_anomaly(model, processor, lazily(), batch_size=3)
+    first = next(stream)
+    assert read == [0, 1], "the first batch (one image) goes out once the next image's size differs"
+    batched = [first, *stream]
+    # forward passes (plain and flipped view) of [A], [B], [A', A], [C, C, C], [A], [B]: never mixed sizes
+    assert [shape[0] for shape in model.shapes] == [1, 1, 1, 1, 2, 2, 3, 3, 1, 1, 1, 1]
+    assert len(batched) == len(images)
+    for image, one, many in zip(images, single, batched):
+        assert many.anomaly_map.shape == image.shape[:2]
+        np.testing.assert_array_equal(many.anomaly_map, one.anomaly_map)
+        np.testing.assert_array_equal(many.semantic_map, one.semantic_map)
+        np.testing.assert_allclose(many.anomaly_map, _stub_reference(model, processor, image), rtol=0, atol=1e-6)
+
+
+def test_predict_anomaly_do_resize_overrides_the_processor():
+    image = np.random.default_rng(4).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    processor = Mask2AnomalyImageProcessor(size={"shortest_edge": 48, "longest_edge": 96})
+    model = _RecordingStub()
+    (native,) = predict_anomaly(model, processor, [image], do_resize=False)
+    assert processor.do_resize is True, "the processor is not changed"
+    assert model.shapes[0] == (1, 3, 64, 64), "37x53 kept, padded to a multiple of 32"
+    np.testing.assert_allclose(native.anomaly_map, _stub_reference(model, processor, image, do_resize=False),
+                               rtol=0, atol=1e-6)
+    (resized,) = predict_anomaly(model, processor, [image])
+    assert np.abs(resized.anomaly_map - native.anomaly_map).max() > 1e-3, "do_resize=False changed nothing"
+    native_processor = Mask2AnomalyImageProcessor(size={"shortest_edge": 48, "longest_edge": 96}, do_resize=False)
+    (forced,) = predict_anomaly(model, native_processor, [image], do_resize=True)
+    np.testing.assert_array_equal(forced.anomaly_map, resized.anomaly_map)
+
+
 def test_predict_anomaly_with_a_tiny_mask2former():
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
 

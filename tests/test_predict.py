@@ -3,6 +3,7 @@ flags against maps computed here from the model outputs, the pictures, and atomi
 
 from __future__ import annotations
 
+import copy
 import io
 import re
 from pathlib import Path
@@ -13,10 +14,11 @@ import torch
 from PIL import Image
 
 from modeling_mask2anomaly import CITYSCAPES_CLASSES, Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor
+from modeling_mask2anomaly import predict_anomaly
 from modeling_mask2anomaly import predict as predict_module
 from modeling_mask2anomaly.predict import main
 from modeling_mask2anomaly.visualize import INFERNO_LUT
-from test_pipeline import model_outputs, random_image, reference_class_scores, save_tiny_model
+from test_pipeline import TEST_SIZE, model_outputs, random_image, reference_class_scores, save_tiny_model, tiny_model
 from test_pipeline import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 GOOD = {  # name -> (height, width) of the outputs
@@ -201,3 +203,32 @@ def test_inputs_globs_and_missing(workspace, tmp_path, capsys):
     assert len(stdout.splitlines()) == 2, "rgb.png named twice is predicted once"
     assert sorted(p.name for p in out.glob("*_anomaly.npy")) == ["rgb_anomaly.npy", "rgba_anomaly.npy"]
     assert main([pattern, "--model", str(ws["model_dir"]), "--output-dir", str(out), "--batch-size", "0"]) == 2
+
+
+def test_bfloat16_model():
+    model = tiny_model("random")  # moderate logits: bfloat16 rounding moves its maps by ~1e-3
+    processor = Mask2AnomalyImageProcessor.from_model_config(model.config, size=dict(TEST_SIZE))
+    rgb = random_image(40, 56, seed=1)
+    outputs, processed = model_outputs(model, processor, rgb)  # the float32 model
+    scores = reference_class_scores(outputs, processed, rgb.shape[:2])
+    reference = (1 - scores.max(dim=0).values).numpy()
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    (result,) = predict_anomaly(half, processor, [rgb], flip_tta=False, refine=False)
+    assert result.anomaly_map.dtype == np.float32 and result.anomaly_map.shape == rgb.shape[:2]
+    difference = np.abs(result.anomaly_map - reference)
+    assert 0 < difference.max() < 0.03, "bfloat16 rounding only (and the model really ran in bfloat16)"
+    assert (result.semantic_map == scores.argmax(dim=0).numpy()).mean() > 0.95
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_no_resize_leaves_the_processor_alone(workspace, tmp_path, capsys, monkeypatch):
+    ws = workspace
+    processor = copy.deepcopy(ws["processor"])
+    monkeypatch.setattr(predict_module, "load_model", lambda name, device: (ws["model"], processor))
+    code, _, stderr = _run(ws, tmp_path / "out", "--no-resize", "--no-flip", capsys=capsys)
+    assert code == 0, stderr
+    assert processor.do_resize is True
+    rgb = np.asarray(Image.open(ws["images"] / "rgb.png").convert("RGB"))
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "rgb_anomaly.npy"),
+                               _manual_anomaly(ws, rgb, flip=False, refine=True, resize=False), atol=1e-5)

@@ -168,11 +168,12 @@ def _widget_entries(names: Sequence[str], repo_id: str) -> list[dict[str, str]]:
 
 
 def find_handler(handler: str | os.PathLike | None = None) -> Path:
-    """The Inference Endpoints handler to publish: ``handler`` or the project's ``handler.py``."""
-    path = Path(handler) if handler else Path(__file__).resolve().parents[1] / HANDLER_NAME
+    """The Inference Endpoints handler to publish: ``handler`` or the package's ``handler.py`` (installed with
+    ``modeling_mask2anomaly``, so editable and regular installs both have it)."""
+    path = Path(handler) if handler else PACKAGE_DIR / HANDLER_NAME
     if not path.is_file():
-        raise PublishError(f"no Inference Endpoints handler at {path}; pass --handler PATH to the project's "
-                           f"{HANDLER_NAME}")
+        raise PublishError(f"no Inference Endpoints handler at {path}; pass --handler PATH to "
+                           f"modeling_mask2anomaly/{HANDLER_NAME}")
     return path
 
 
@@ -354,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", help="keep the assembled folder here (required with --dry-run)")
     parser.add_argument("--widget-image", action="append", default=[], help="widget example image (repeatable; "
                         "default: two SynthRoad scenes)")
-    parser.add_argument("--handler", help=f"Inference Endpoints handler (default: the project's {HANDLER_NAME})")
+    parser.add_argument("--handler", help=f"Inference Endpoints handler (default: the package's {HANDLER_NAME})")
     parser.add_argument("--license", default="apache-2.0", help="license of the weights (Hub identifier)")
     parser.add_argument("--base-model", help="Hub id of the model this one was fine-tuned from")
     parser.add_argument("--dataset", action="append", default=[], help="Hub id of a training dataset (repeatable)")

@@ -3,9 +3,12 @@ Space app's prediction function (without gradio). Both load the model folder thr
 
 from __future__ import annotations
 
+import ast
 import base64
+import importlib
 import importlib.util
 import io
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -19,10 +22,14 @@ from test_pipeline import isolated_remote_code, random_image, save_tiny_model  #
 from test_pipeline import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 REPO = Path(__file__).resolve().parent.parent
+HANDLER = REPO / "modeling_mask2anomaly" / "handler.py"
+# what an Inference Endpoint image is sure to have, besides the standard library
+ENDPOINT_MODULES = {"numpy", "PIL", "torch", "transformers"}
 
 
 def _load_module(path: Path, name: str) -> ModuleType:
-    """Import a file that is not part of the package (the handler template, the Space app) by its path."""
+    """Import a file by its path, alone (no package around it): the handler as a model repository holds it, and the
+    Space app."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -38,7 +45,7 @@ def _png_base64(array: np.ndarray) -> str:
 @pytest.mark.parametrize("behaviour, expect_anomaly", [("anomalous", True), ("normal", False)])
 def test_endpoint_handler_request(tmp_path, isolated_remote_code, behaviour, expect_anomaly):
     folder = save_tiny_model(tmp_path / "model", behaviour)
-    handler_module = _load_module(REPO / "handler.py", "mask2anomaly_endpoint_handler")
+    handler_module = _load_module(HANDLER, "handler")
     handler = handler_module.EndpointHandler(path=str(folder))
     # served from the folder's remote code, not from this package
     assert type(handler.pipeline).__module__.startswith("transformers_modules.")
@@ -72,7 +79,7 @@ def test_endpoint_handler_request(tmp_path, isolated_remote_code, behaviour, exp
 
 def test_endpoint_handler_refuses_bad_requests(tmp_path, isolated_remote_code):
     folder = save_tiny_model(tmp_path / "model", "random")
-    handler = _load_module(REPO / "handler.py", "mask2anomaly_endpoint_handler").EndpointHandler(str(folder))
+    handler = _load_module(HANDLER, "handler").EndpointHandler(str(folder))
     with pytest.raises(ValueError, match="not valid base64"):
         handler({"inputs": "/etc/passwd"})  # never read as a path on the endpoint
     with pytest.raises(ValueError, match="not a decodable image|Cannot read"):
@@ -83,9 +90,24 @@ def test_endpoint_handler_refuses_bad_requests(tmp_path, isolated_remote_code):
         handler({"image": "..."})
 
 
-def test_space_predict_without_gradio(tmp_path, isolated_remote_code, monkeypatch):
-    import sys
+def test_handler_stands_alone():
+    """Copied into a model repository, the handler must not need this package: only the standard library, numpy,
+    PIL, torch and transformers, and no relative import."""
+    tree = ast.parse(HANDLER.read_text(encoding="utf-8"))
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"relative import from .{node.module} in {HANDLER}"
+            roots.add(node.module.split(".")[0])
+    assert roots - sys.stdlib_module_names <= ENDPOINT_MODULES, roots
+    assert {"transformers", "PIL"} <= roots, "the parser above missed the imports"
+    packaged = importlib.import_module("modeling_mask2anomaly.handler")
+    assert Path(packaged.__file__).resolve() == HANDLER
 
+
+def test_space_predict_without_gradio(tmp_path, isolated_remote_code, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # gradio must only be needed to build the page
     folder = save_tiny_model(tmp_path / "model", "anomalous")
     app = _load_module(REPO / "app" / "app.py", "mask2anomaly_space_app")

@@ -15,9 +15,11 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from mask2anomaly_model_cards.card import write_model_card
 from mask2anomaly_model_cards.publish import main as publish_main
+import modeling_mask2anomaly
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(modeling_mask2anomaly.__file__).parent  # where the installed package keeps handler.py
 RESULT = {
     "model": "runs/tiny", "benchmark": "smiyc_ra21", "benchmark_name": "SMIYC RoadAnomaly21 (validation)",
     "mode": "exact", "num_images": 10, "num_items": 10,
@@ -115,7 +117,7 @@ def test_publish_dry_run_writes_a_complete_safe_folder(model_dir, tmp_path):
     assert not [f for f in files if Path(f).suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}]
     assert {f"{m}.py" for m in _remote_modules(out)} <= files
     assert {"configuration_mask2anomaly.py", "modeling_mask2anomaly.py", "image_processing_mask2anomaly.py"} <= files
-    assert (out / "handler.py").read_bytes() == (REPO_ROOT / "handler.py").read_bytes()
+    assert (out / "handler.py").read_bytes() == (PACKAGE_DIR / "handler.py").read_bytes()
     assert "transformers" in (out / "requirements.txt").read_text()
     examples = sorted(f for f in files if f.startswith("examples/"))
     assert examples

@@ -1,7 +1,10 @@
 """Inference Endpoints handler for a Mask2Anomaly model repository.
 
-Publishing copies this file into the model folder. Custom-code models get no serverless widget; an Inference
-Endpoint built from the repository loads `EndpointHandler(path)` and calls it per request:
+`mask2anomaly-publish` copies this file from the installed package into the model repository as ``handler.py``,
+where it runs on its own: it imports only the standard library, PIL and transformers (never this package; the
+model, its processor and the pipeline come from the repository's remote code), and nothing in the package imports
+it. Custom-code models get no serverless widget; an Inference Endpoint built from the repository loads
+`EndpointHandler(path)` and calls it per request:
 
     request:  {"inputs": <base64 string (optionally a data: URI) | raw image bytes | PIL image>,
                "parameters": {"threshold": 0.5, "flip_tta": true, "refine": true, "scorer": "mask2anomaly"}}

@@ -18,7 +18,6 @@ from mask2anomaly_model_cards.publish import main as publish_main
 import modeling_mask2anomaly
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(modeling_mask2anomaly.__file__).parent  # where the installed package keeps handler.py
 RESULT = {
     "model": "runs/tiny", "benchmark": "smiyc_ra21", "benchmark_name": "SMIYC RoadAnomaly21 (validation)",

@@ -36,8 +36,8 @@ SMIYC_UNIFORM_BINS = 4096
 SMIYC_UNIFORM_RANGE = (-0.01, 1.01)
 TPR_TARGET = 0.95
 
-# Pixels per chunk in the final sweep over the sorted distinct scores: bounds compute()'s temporaries.
-_SWEEP_CHUNK = 1 << 21
+# Distinct scores per chunk of the final sweep: bounds compute()'s temporaries (about a dozen arrays of this length).
+_SWEEP_CHUNK = 1 << 18
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -61,25 +61,20 @@ def check_labels(labels: Any, name: str = "labels") -> np.ndarray:
     Boolean masks are accepted (True = anomaly). Raises ``ValueError`` naming the offending values otherwise.
     """
     labels = to_numpy(labels)
-    if labels.dtype == np.uint8:
-        # Two cheap passes instead of np.unique: this runs on every frame.
-        if ((labels > 1) & (labels != VOID_LABEL)).any():
-            bad = np.unique(labels[(labels > 1) & (labels != VOID_LABEL)])
-            raise ValueError(
-                f"{name} contain the value(s) {bad[:10].tolist()}; expected only 0 (inlier), 1 (anomaly) or 255 (void)"
-            )
-        return labels
     if labels.dtype == np.bool_:
         return labels.view(np.uint8)
     if labels.dtype.kind not in "iuf":
         raise ValueError(f"{name} have dtype {labels.dtype}; expected an integer label map with values 0, 1 or 255")
-    bad_mask = (labels != 0) & (labels != 1) & (labels != VOID_LABEL)
-    if bad_mask.any():
-        bad = np.unique(labels[bad_mask])
+    if labels.dtype == np.uint8:
+        bad = (labels > 1) & (labels != VOID_LABEL)  # two cheap passes: this runs on every frame
+    else:
+        bad = (labels != 0) & (labels != 1) & (labels != VOID_LABEL)
+    if bad.any():
         raise ValueError(
-            f"{name} contain the value(s) {bad[:10].tolist()}; expected only 0 (inlier), 1 (anomaly) or 255 (void)"
+            f"{name} contain the value(s) {np.unique(labels[bad])[:10].tolist()}; expected only 0 (inlier), "
+            "1 (anomaly) or 255 (void)"
         )
-    return labels.astype(np.uint8)
+    return labels.astype(np.uint8, copy=False)
 
 
 def check_frame(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -184,13 +179,28 @@ def _merge_packed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Merge two sorted packed runs, adding the counts of equal (score, class) entries."""
     merged = np.concatenate([a, b])
     merged.sort(kind="stable")
-    identity = merged >> np.uint64(31)  # key and class
-    # Each run holds an (score, class) pair at most once, so equal pairs come in adjacent twos.
-    duplicate = np.flatnonzero(identity[1:] == identity[:-1])
+    # Entries of one (score, class) differ only in their count bits; a run holds each pair at most once, so equal
+    # pairs come in adjacent twos. (One temporary instead of two shifted copies: memory follows the state size.)
+    difference = merged[1:] ^ merged[:-1]
+    difference >>= np.uint64(31)
+    duplicate = np.flatnonzero(difference == 0)
+    del difference
     if duplicate.size:
         merged[duplicate] += merged[duplicate + 1] & _COUNT_MASK
         merged = np.delete(merged, duplicate + 1)
     return merged
+
+
+def _absorb_packed(base: np.ndarray, run: np.ndarray) -> np.ndarray:
+    """Add the counts of ``run``'s entries whose (score, class) ``base`` already holds into ``base``, in place;
+    return the other entries. Once the scores saturate, a new image changes counts only, and the state is not
+    copied."""
+    position = np.searchsorted(base, run & ~_COUNT_MASK)  # first entry of the same (score, class), if any
+    hit = position < base.size
+    hit[hit] = (base[position[hit]] >> np.uint64(31)) == (run[hit] >> np.uint64(31))
+    # Count bits lie below the (score, class) bits, so adding to them keeps `base` sorted.
+    base[position[hit]] += run[hit] & _COUNT_MASK
+    return run[~hit]
 
 
 def _merge_counts(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -209,10 +219,12 @@ def _merge_counts(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndar
 class _Runs:
     """A few sorted runs merged like a binary counter: a new run is merged into the previous one while that one
     is at most twice as long. Total merge work is O(n log n) when nothing repeats, and the state collapses to one
-    run when the scores saturate (a new image mostly repeats values already seen)."""
+    run when the scores saturate (a new image mostly repeats values already seen). With ``absorb``, a run much
+    smaller than the first (largest) one first gives that one its counts in place, and only the rest is pushed."""
 
-    def __init__(self, merge: Any) -> None:
+    def __init__(self, merge: Any, absorb: Any = None) -> None:
         self._merge = merge
+        self._absorb = absorb
         self.runs: list[Any] = []
 
     @staticmethod
@@ -220,6 +232,8 @@ class _Runs:
         return run[0].size if isinstance(run, tuple) else run.size
 
     def push(self, run: Any) -> None:
+        if self._absorb is not None and self.runs and self._size(self.runs[0]) >= 4 * self._size(run):
+            run = self._absorb(self.runs[0], run)
         if self._size(run) == 0:
             return
         self.runs.append(run)
@@ -247,7 +261,7 @@ class _ExactState:
     """
 
     def __init__(self) -> None:
-        self.packed = _Runs(_merge_packed)
+        self.packed = _Runs(_merge_packed, _absorb_packed)
         self.generic: tuple[_Runs, _Runs] | None = None  # (anomaly runs, inlier runs)
         self.value_dtype = np.dtype(np.float32)
         self.num_pos = 0
@@ -262,7 +276,7 @@ class _ExactState:
             self.generic = (_Runs(_merge_counts), _Runs(_merge_counts))
             self.generic[0].push((pos_values, pos_counts))
             self.generic[1].push((neg_values, neg_counts))
-            self.packed = _Runs(_merge_packed)
+            self.packed = _Runs(_merge_packed, _absorb_packed)
         if dtype.itemsize > self.value_dtype.itemsize:
             # float32 -> float64 is exact, so earlier images keep their ties and order.
             for runs in self.generic:
@@ -401,7 +415,11 @@ def _class_array_chunks(
     while pos_end > 0 or neg_end > 0:
         # Lower bound: the larger of the two arrays' chunk-th value from the top, so that neither contributes
         # more than a chunk; it is an actual value, so every iteration makes progress.
-        bounds = [v[end - _SWEEP_CHUNK] for v, end in ((pos_values, pos_end), (neg_values, neg_end)) if end > _SWEEP_CHUNK]
+        bounds = [
+            values[end - _SWEEP_CHUNK]
+            for values, end in ((pos_values, pos_end), (neg_values, neg_end))
+            if end > _SWEEP_CHUNK
+        ]
         pos_start = int(np.searchsorted(pos_values[:pos_end], max(bounds))) if bounds else 0
         neg_start = int(np.searchsorted(neg_values[:neg_end], max(bounds))) if bounds else 0
         pos_part, neg_part = pos_values[pos_start:pos_end], neg_values[neg_start:neg_end]
@@ -775,7 +793,9 @@ class PixelMetricAccumulator:
         if not isinstance(other, PixelMetricAccumulator):
             raise ValueError(f"can only merge a PixelMetricAccumulator, got {type(other).__name__}")
         if other.mode != self.mode:
-            raise ValueError(f"cannot merge a {other.mode!r} accumulator into a {self.mode!r} one; expected the same mode")
+            raise ValueError(
+                f"cannot merge a {other.mode!r} accumulator into a {self.mode!r} one; expected the same mode"
+            )
         self._state.merge(other._state)
         self.num_images += other.num_images
         return self

@@ -18,7 +18,8 @@ from mask2anomaly_eval.pixel_metrics import PixelMetricAccumulator, float32_to_k
 
 FIXTURES = Path("/work/shared/fixtures/metrics_smiyc")
 TOL = 1e-9
-CASES = ["anomaly_track", "obstacle_track", "anomaly_track_float16_ties", "obstacle_track_coarse_ties", "constant_score"]
+CASES = ["anomaly_track", "obstacle_track", "anomaly_track_float16_ties", "obstacle_track_coarse_ties",
+         "constant_score"]
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +220,20 @@ def test_switch_to_generic_state_mid_stream(monkeypatch):
     assert_matches_sklearn(accumulator.compute(), sklearn_reference(scores, labels))
 
 
+def test_small_images_after_a_large_one_equal_sklearn(monkeypatch):
+    """Small images are absorbed into the large first run in place (hits) and pushed as new runs (misses)."""
+    calls = []
+    absorb = pixel_metrics._absorb_packed
+    monkeypatch.setattr(pixel_metrics, "_absorb_packed", lambda base, run: calls.append(1) or absorb(base, run))
+    rng = np.random.default_rng(8)
+    labels = [(rng.random((120, 160)) < 0.1).astype(np.uint8)] + [
+        (rng.random((12, 16)) < 0.3).astype(np.uint8) for _ in range(12)
+    ]
+    scores = [(np.round(rng.normal(size=l.shape) * 300) / 300 + l).astype(np.float32) for l in labels]
+    assert_matches_sklearn(accumulate("exact", scores, labels), sklearn_reference(scores, labels))
+    assert len(calls) >= 10
+
+
 def test_float32_then_float64_frames_equal_sklearn():
     scores, labels = random_frames("continuous", 11)
     scores = [s if i % 2 else s.astype(np.float64) * (1 + 1e-12) for i, s in enumerate(scores)]
@@ -255,7 +270,8 @@ def test_torch_inputs():
 @pytest.mark.parametrize("mode", ["exact", "smiyc_uniform"])
 def test_streaming_equals_one_pooled_frame(mode):
     scores, labels = random_frames("ties", 21)
-    pooled = accumulate(mode, [np.concatenate([s.ravel() for s in scores])], [np.concatenate([l.ravel() for l in labels])])
+    pooled = accumulate(mode, [np.concatenate([s.ravel() for s in scores])],
+                        [np.concatenate([l.ravel() for l in labels])])
     streamed = accumulate(mode, scores, labels)
     for key in ("auprc", "auroc", "fpr95", "best_f1", "best_f1_threshold"):
         assert streamed[key] == pytest.approx(pooled[key], abs=1e-12)

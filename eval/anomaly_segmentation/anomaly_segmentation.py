@@ -33,7 +33,8 @@ _CITATION = """\
 }
 @inproceedings{chan2021segmentmeifyoucan,
   title={SegmentMeIfYouCan: A Benchmark for Anomaly Segmentation},
-  author={Chan, Robin and Lis, Krzysztof and Uhlemeyer, Svenja and Blum, Hermann and Honari, Sina and Siegwart, Roland and Fua, Pascal and Salzmann, Mathieu and Rottmann, Matthias},
+  author={Chan, Robin and Lis, Krzysztof and Uhlemeyer, Svenja and Blum, Hermann and Honari, Sina and
+          Siegwart, Roland and Fua, Pascal and Salzmann, Mathieu and Rottmann, Matthias},
   booktitle={NeurIPS Datasets and Benchmarks},
   year={2021}
 }
@@ -79,6 +80,7 @@ Examples:
 """
 
 _OPTIONS = ("mode", "components", "track", "component_threshold", "cast_float16")
+_INPUTS = "All required inputs are ['predictions', 'references']"
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -160,7 +162,7 @@ class AnomalySegmentation(evaluate.Metric):
         """Add one score map and its label map; they are accumulated at once (nothing goes to the Arrow cache).
         """
         if kwargs:
-            raise ValueError(f"Bad inputs for evaluation module: {list(kwargs)}. All required inputs are ['predictions', 'references']")
+            raise ValueError(f"Bad inputs for evaluation module: {list(kwargs)}. {_INPUTS}")
         if prediction is None or reference is None:
             raise ValueError("add() needs both prediction= (a score map) and reference= (a label map)")
         self._stream(prediction, reference)
@@ -169,7 +171,7 @@ class AnomalySegmentation(evaluate.Metric):
         """Add a batch (lists) of score maps and label maps; they are accumulated at once.
         """
         if kwargs:
-            raise ValueError(f"Bad inputs for evaluation module: {list(kwargs)}. All required inputs are ['predictions', 'references']")
+            raise ValueError(f"Bad inputs for evaluation module: {list(kwargs)}. {_INPUTS}")
         if predictions is None or references is None:
             raise ValueError("add_batch() needs both predictions= and references= (lists of score maps and label maps)")
         for prediction, reference in self._pairs(predictions, references):

@@ -16,6 +16,7 @@ the number of images.
 
     python benchmarks/bench_pixel_metrics.py            # 26 images of 1024x2048 (51M non-void pixels), 3 repeats
     python benchmarks/bench_pixel_metrics.py --quick    # small run
+    python benchmarks/bench_pixel_metrics.py --streaming-only   # only the memory-by-dataset-size section
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def reset_peak() -> None:
         handle.write("5")
 
 
-def run_worker(side: str, num_frames: int, height: int, width: int, stream: bool) -> dict:
+def run_worker(side: str, num_frames: int, height: int, width: int, stream: bool, float16: bool = False) -> dict:
     """Body of one subprocess measurement (see the module docstring)."""
     from sklearn.metrics import auc, average_precision_score, roc_curve
 
@@ -112,7 +113,7 @@ def run_worker(side: str, num_frames: int, height: int, width: int, stream: bool
         for i in range(num_frames):
             if stream:
                 scores, labels = make_frame(i, height, width)
-                accumulator.add(scores, labels)
+                accumulator.add(scores.astype(np.float16) if float16 else scores, labels)
                 del scores, labels
             else:
                 accumulator.add(*frames[i])
@@ -138,9 +139,9 @@ def run_worker(side: str, num_frames: int, height: int, width: int, stream: bool
     }
 
 
-def measure(side: str, num_frames: int, height: int, width: int, stream: bool = False) -> dict:
+def measure(side: str, num_frames: int, height: int, width: int, stream: bool = False, float16: bool = False) -> dict:
     command = [sys.executable, __file__, "--worker", side, "--frames", str(num_frames), "--height", str(height),
-               "--width", str(width)] + (["--stream"] if stream else [])
+               "--width", str(width)] + (["--stream"] if stream else []) + (["--float16"] if float16 else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -152,15 +153,35 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--streaming-only", action="store_true", help="skip the comparison with scikit-learn")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--float16", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args.frames, args.height, args.width, args.stream)))
+        print(json.dumps(run_worker(args.worker, args.frames, args.height, args.width, args.stream, args.float16)))
         return
     if args.quick:
         args.frames, args.height, args.width, args.repeats = 21, 256, 512, 1
 
+    if not args.streaming_only:
+        compare(args)
+    sizes = (2, 4, 8) if args.quick else (5, 10, 20, 40, 80)
+    for float16, title in ((False, "float32 scores"), (True, "scores stored as float16, as SMIYC submissions are")):
+        print(f"\nstreaming memory, {title} (accumulator; images generated one at a time, nothing held; the peak "
+              "includes the generator's temporaries):")
+        first = None
+        for num_frames in sizes:
+            run = measure("accumulator", num_frames, args.height, args.width, stream=True, float16=float16)
+            first = first or run
+            extra = (run["peak_mb"] - first["peak_mb"]) / max(num_frames - sizes[0], 1)
+            print(f"  {num_frames:3d} images ({run['num_pixels']:>11,} px): peak +{run['peak_mb']:6.1f} MB "
+                  f"({extra:5.2f} MB per image beyond {sizes[0]}), state {run['state_mb']:5.1f} MB, "
+                  f"{run['seconds']:6.2f} s incl. generation", flush=True)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Side-by-side timing and memory of the three sides on the same dataset."""
     print(f"dataset: {args.frames} float32 score maps of {args.height}x{args.width}; "
           f"{args.repeats} repeat(s) per side, fresh subprocess each, order rotating; cpu count {os.cpu_count()}")
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
@@ -187,13 +208,6 @@ def main() -> None:
           f"FPR95 {runs['sklearn'][0]['fpr95']:.12f};  largest difference to sklearn {worst:.2e}")
     if worst > 1e-9:
         raise SystemExit("results differ from scikit-learn by more than 1e-9")
-
-    print("\nstreaming memory (accumulator, images generated one at a time, nothing held):")
-    sizes = (2, 4, 8) if args.quick else (5, 10, 20, 40)
-    for num_frames in sizes:
-        run = measure("accumulator", num_frames, args.height, args.width, stream=True)
-        print(f"  {num_frames:3d} images ({run['num_pixels']:>11,} px): peak +{run['peak_mb']:6.1f} MB, "
-              f"state {run['state_mb']:6.1f} MB, {run['seconds']:6.2f} s incl. generation")
 
 
 if __name__ == "__main__":

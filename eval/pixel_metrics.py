@@ -445,10 +445,15 @@ def exact_curve_metrics(chunks: Iterable[CurveChunk], num_pos: int, num_neg: int
     * ``fpr95`` = FPR at the first operating point whose TPR (``tp / num_pos`` in float64, as scikit-learn) is
       >= 0.95 — the Fishyscapes ``calculate_metrics_perpixAP`` convention, i.e. ``fpr[np.searchsorted(tpr, 0.95)]``
       on ``roc_curve(drop_intermediate=False)``; ``fpr95_threshold`` is that point's score;
+    * ``fpr95_interpolated`` = the ROC curve linearly interpolated at TPR 0.95 between the last operating point with
+      TPR <= 0.95 and the next one (the FPR of the former when its TPR is exactly 0.95): ``ood_metrics``'
+      ``fpr_at_95_tpr``, which Mask2Anomaly's evaluation script reports. It differs from ``fpr95`` when the ROC step
+      across TPR 0.95 is not vertical (ties between anomaly and inlier scores, e.g. 0.95 instead of 1.0 for a
+      constant score);
     * ``best_f1`` = max of ``2 tp / (2 tp + fp + fn)`` over the operating points, ``best_f1_threshold`` its score
       (the lowest one among exact ties: integer numerator and denominator make equal F1 values compare equal).
 
-    Undefined values (no anomaly pixel: all of them; no inlier pixel: AUROC and FPR95) are NaN.
+    Undefined values (no anomaly pixel: all of them; no inlier pixel: AUROC and the FPR95s) are NaN.
     """
     if num_pos + num_neg == 0:
         raise ValueError("no valid pixel was added (every pixel is void or no image was added)")
@@ -457,7 +462,7 @@ def exact_curve_metrics(chunks: Iterable[CurveChunk], num_pos: int, num_neg: int
         logger.warning(f"pixel metrics over {num_pos} anomaly and {num_neg} inlier pixels: {undefined} undefined (NaN)")
     nan = float("nan")
     ap_sum = auc_twice = 0.0
-    fpr95 = fpr95_threshold = fpr95_tpr = nan
+    fpr95 = fpr95_threshold = fpr95_tpr = fpr95_interpolated = nan
     best_f1, best_f1_threshold = -1.0, nan
     tp_carry = fp_carry = num_distinct = 0
     for thresholds, new_tp, new_fp in chunks:
@@ -481,6 +486,16 @@ def exact_curve_metrics(chunks: Iterable[CurveChunk], num_pos: int, num_neg: int
                 if index < tpr.size:
                     fpr95 = float(fp[index] / num_neg) if num_neg else nan
                     fpr95_tpr, fpr95_threshold = float(tpr[index]), float(thresholds[index])
+            if np.isnan(fpr95_interpolated) and num_neg:
+                tpr = tp / num_pos
+                above = int(np.searchsorted(tpr, TPR_TARGET, side="right"))
+                if above < tpr.size:
+                    # The point before is the previous chunk's last one (or the curve's (0, 0)) at a chunk start.
+                    tp_below, fp_below = (tp[above - 1], fp[above - 1]) if above else (tp_carry, fp_carry)
+                    tpr_below, fpr_below = tp_below / num_pos, fp_below / num_neg
+                    # np.interp's formula, so that the rounding is the same
+                    slope = (fp[above] / num_neg - fpr_below) / (tpr[above] - tpr_below)
+                    fpr95_interpolated = float(slope * (TPR_TARGET - tpr_below) + fpr_below)
             f1 = 2.0 * tp
             f1 /= tp + fp + num_pos
             index = f1.size - 1 - int(np.argmax(f1[::-1]))  # last maximum = lowest threshold among ties
@@ -500,6 +515,7 @@ def exact_curve_metrics(chunks: Iterable[CurveChunk], num_pos: int, num_neg: int
         "best_f1_threshold": best_f1_threshold,
         "fpr95_threshold": fpr95_threshold,
         "fpr95_tpr": fpr95_tpr,
+        "fpr95_interpolated": fpr95_interpolated,
         "num_pos": int(num_pos),
         "num_neg": int(num_neg),
         "num_distinct_scores": num_distinct,

@@ -46,6 +46,9 @@ def sklearn_reference(scores, labels) -> dict:
     y, s = l[l != 255] == 1, s[l != 255]
     fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
     index = np.searchsorted(tpr, 0.95)
+    # ood_metrics 1.1.2 `fpr_at_95_tpr`: default roc_curve, linear interpolation (its other branches cannot occur
+    # here because the curve starts at TPR 0 and ends at TPR 1).
+    fpr_dropped, tpr_dropped, _ = roc_curve(y, s)
     precision, recall, _ = precision_recall_curve(y, s)
     with np.errstate(invalid="ignore"):
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
@@ -54,6 +57,7 @@ def sklearn_reference(scores, labels) -> dict:
         "auroc": roc_auc_score(y, s),
         "fpr95": fpr[index],
         "fpr95_threshold": thresholds[index],
+        "fpr95_interpolated": np.interp(0.95, tpr_dropped, fpr_dropped),
         "best_f1": f1.max(),
         "num_pos": int(y.sum()),
         "num_neg": int((~y).sum()),
@@ -62,7 +66,7 @@ def sklearn_reference(scores, labels) -> dict:
 
 
 def assert_matches_sklearn(result: dict, ref: dict) -> None:
-    for key in ("auprc", "auroc", "fpr95", "best_f1"):
+    for key in ("auprc", "auroc", "fpr95", "fpr95_interpolated", "best_f1"):
         assert result[key] == pytest.approx(ref[key], abs=TOL), key
     assert result["fpr95_threshold"] == ref["fpr95_threshold"]
     assert (result["num_pos"], result["num_neg"]) == (ref["num_pos"], ref["num_neg"])
@@ -83,7 +87,7 @@ def test_exact_matches_sklearn_fixture(case, reference):
     expected = reference[case]["pixel_exact_sklearn"]
     result = accumulate("exact", *load_case(case))
     for ours, theirs in [("auprc", "AuPRC"), ("auroc", "AUROC"), ("fpr95", "FPR95"), ("best_f1", "best_F1"),
-                         ("fpr95_tpr", "FPR95_tpr_at_index")]:
+                         ("fpr95_tpr", "FPR95_tpr_at_index"), ("fpr95_interpolated", "FPR95_ood_metrics")]:
         assert result[ours] == pytest.approx(expected[theirs], abs=TOL), ours
     fishyscapes = expected["fishyscapes_calculate_metrics_perpixAP"]
     assert result["auprc"] == pytest.approx(fishyscapes["AP"], abs=TOL)
@@ -188,6 +192,16 @@ def test_exact_equals_sklearn_on_random_data(kind, seed):
     scores, labels = random_frames(kind, seed)
     result = accumulate("exact", scores, labels)
     assert_matches_sklearn(result, sklearn_reference(scores, labels))
+
+
+def test_fpr95_interpolated_when_tpr_hits_095_exactly():
+    """With 20 anomaly pixels TPR reaches 19/20 == 0.95 exactly: ood_metrics then takes that point's largest FPR."""
+    rng = np.random.default_rng(4)
+    labels = [np.concatenate([np.ones(20, np.uint8), np.zeros(200, np.uint8)])]
+    scores = [(np.round(rng.normal(size=220) * 2) / 2 + labels[0]).astype(np.float32)]
+    ref = sklearn_reference(scores, labels)
+    assert 0.95 in roc_curve(*ref["pooled"])[1]
+    assert_matches_sklearn(accumulate("exact", scores, labels), ref)
 
 
 def test_constant_scores_equal_sklearn():

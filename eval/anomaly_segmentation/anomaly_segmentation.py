@@ -66,7 +66,8 @@ Args:
     `component_threshold` they are also kept (by reference) for the second pass over the components.
 Returns:
     auprc (`float`), fpr95 (`float`), auroc (`float`): in [0, 1] (NaN where undefined, e.g. no anomaly pixel).
-    best_f1 (`float`), best_f1_threshold (`float`), fpr95_threshold (`float`), num_pos (`int`), num_neg (`int`).
+    best_f1 (`float`), best_f1_threshold (`float`), fpr95_threshold (`float`), num_pos (`int`), num_neg (`int`);
+    mode="exact" adds fpr95_interpolated (`float`, the ood_metrics convention used by Mask2Anomaly's script).
     With components=True: siou (`float`), ppv (`float`), mean_f1 (`float`), f1_per_threshold (`list` of 11 floats,
     sIoU thresholds 0.25 ... 0.75), component_threshold (`float`) and the per-threshold TP/FN/FP counts.
 Examples:

@@ -1,0 +1,567 @@
+"""Mask2Anomaly model: transformers' Mask2Former with global masked attention and the mask contrastive loss.
+
+Only the parts that differ from Mask2Former are written here; everything else (backbone, pixel decoder,
+matcher, mask/class/dice losses) is transformers' own, imported and subclassed.
+
+- Global masked attention (GMA): every masked cross-attention of the transformer decoder becomes a
+  foreground attention (blocked where sigmoid(mask) < 0.5, transformers' `cross_attn`) plus a background
+  attention with its own weights (blocked where sigmoid(mask) > 0.5, `cross_attn_background`), summed before
+  the residual and LayerNorm. Fully blocked rows are reset to "attend everywhere" for each mask separately.
+- `mask_contrastive_loss`: the official `loss_ood`, added on the final and every auxiliary prediction when
+  `outlier_labels` are passed to `Mask2AnomalyForUniversalSegmentation.forward`.
+
+This file travels to the Hub as remote code: it imports only torch, transformers and `.configuration_mask2anomaly`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerForUniversalSegmentation,
+    Mask2FormerForUniversalSegmentationOutput,
+    Mask2FormerLoss,
+    Mask2FormerMaskedAttentionDecoder,
+    Mask2FormerMaskedAttentionDecoderLayer,
+    Mask2FormerMaskedAttentionDecoderOutput,
+    Mask2FormerMaskPredictor,
+    Mask2FormerModel,
+    Mask2FormerPixelLevelModule,
+    Mask2FormerPreTrainedModel,
+    Mask2FormerTransformerModule,
+)
+from transformers.utils import logging
+
+from .configuration_mask2anomaly import Mask2AnomalyConfig
+
+logger = logging.get_logger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mask-level class scores and the mask contrastive loss
+# --------------------------------------------------------------------------------------------------------------
+def class_mask_scores(class_queries_logits: Tensor, masks_queries_logits: Tensor) -> Tensor:
+    """Per-pixel class scores of a mask classifier, `S_c(x) = sum_q softmax(class_q)[c] * sigmoid(mask_q(x))`.
+
+    Args:
+        class_queries_logits: `(batch, queries, num_labels + 1)`; the last column is "no object". It takes part
+            in the softmax and is then dropped.
+        masks_queries_logits: `(batch, queries, height, width)` mask logits.
+
+    Returns:
+        `(batch, num_labels, height, width)`. Not normalised: several queries voting for one class can push
+        `S_c` above 1.
+    """
+    class_probs = class_queries_logits.softmax(dim=-1)[..., :-1]
+    return torch.einsum("bqc,bqhw->bchw", class_probs, masks_queries_logits.sigmoid())
+
+
+def mask_contrastive_loss(
+    class_queries_logits: Tensor,
+    masks_queries_logits: Tensor,
+    outlier_labels: Tensor,
+    margin: float = 1.0,
+    form: str = "margin",
+) -> Tensor:
+    """The mask contrastive loss of Mask2Anomaly, equal to the official `SetCriterion.loss_ood`.
+
+    With `S_c` from [`class_mask_scores`], the official score is `s(x) = -max_c S_c(x)`, bilinearly resized
+    (`align_corners=True`) from the mask grid to the label resolution. Pixels with `outlier_labels == 1` are
+    outliers, `== 0` inliers; any other value (e.g. 255) is ignored. Means run over all such pixels of the
+    batch.
+
+    - `form="margin"` (official default, which produced the released weights):
+      `L = 0.5 * (mean_inlier s^2 + mean_outlier max(0, margin - s)^2)`; without outlier pixels in the batch
+      the second term is dropped but the factor 0.5 stays (as in the official code).
+    - `form="bce"` (the official alternative): `L = 0.5 * (BCE(s_inlier, 0) + BCE(s_outlier, 1))`, `s` used as
+      a logit; the outlier term is dropped when there are no outliers.
+
+    **Sign quirk of the official form.** `S_c >= 0`, so `s <= 0` everywhere and `margin - s >= margin > 0`:
+    the hinge never clips, and both terms push `max_c S_c` *down*: on inliers towards 0 (the opposite of
+    what a confident known class should do), on outliers more strongly (the gradient there is
+    `margin + max_c S_c` instead of `max_c S_c`). The contrast between the two comes only from that
+    difference in strength. This is what trained the released checkpoints, so it stays the default here.
+    (Unlike what one may read elsewhere, the official code keeps the factor 0.5 also when a batch has no
+    outlier pixel; the official fixtures confirm it.)
+
+    Args:
+        class_queries_logits: `(batch, queries, num_labels + 1)`.
+        masks_queries_logits: `(batch, queries, h, w)`.
+        outlier_labels: `(batch, H, W)`, 1 outlier, 0 inlier, other values ignored. In official training void
+            pixels are passed as 0 (inliers).
+        margin: the margin `m` of the `margin` form.
+        form: `"margin"` or `"bce"`.
+
+    Returns:
+        A scalar tensor.
+    """
+    if form not in ("margin", "bce"):
+        raise ValueError(f"form={form!r} is not a mask contrastive loss form; expected 'margin' or 'bce'")
+    if outlier_labels.dim() != 3 or outlier_labels.shape[0] != masks_queries_logits.shape[0]:
+        raise ValueError(
+            f"outlier_labels must have shape (batch={masks_queries_logits.shape[0]}, height, width); "
+            f"got {tuple(outlier_labels.shape)}"
+        )
+    scores = class_mask_scores(class_queries_logits.float(), masks_queries_logits.float())
+    score = -scores.max(dim=1).values
+    score = F.interpolate(score[:, None], size=outlier_labels.shape[-2:], mode="bilinear", align_corners=True)[:, 0]
+    outlier = outlier_labels == 1
+    inlier = outlier_labels == 0
+    inlier_score = score[inlier]
+    outlier_score = score[outlier]
+    if form == "margin":
+        loss = inlier_score.pow(2).mean()
+        if outlier_score.numel() > 0:
+            loss = loss + (margin - outlier_score).clamp(min=0.0).pow(2).mean()
+    else:
+        loss = F.binary_cross_entropy_with_logits(inlier_score, torch.zeros_like(inlier_score))
+        if outlier_score.numel() > 0:
+            loss = loss + F.binary_cross_entropy_with_logits(outlier_score, torch.ones_like(outlier_score))
+    return 0.5 * loss
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Global masked attention
+# --------------------------------------------------------------------------------------------------------------
+def _reset_fully_blocked_rows(block: Tensor) -> Tensor:
+    # A query whose mask blocks every pixel would get NaN attention; Mask2Former lets it attend everywhere.
+    return block & ~block.all(dim=-1, keepdim=True)
+
+
+class Mask2AnomalyMaskPredictor(Mask2FormerMaskPredictor):
+    """Mask head that returns the foreground and the background attention masks of global masked attention.
+
+    Returns `(mask_logits, (foreground_block, background_block))`: mask logits `(batch, queries, H, W)` and two
+    boolean masks `(batch * heads, queries, h * w)` at `attention_mask_target_size`, True = blocked. The
+    foreground attention is blocked where sigmoid(mask) < 0.5, the background attention where it is > 0.5;
+    pixels at exactly 0.5 are open to both (as in the official code).
+    """
+
+    def forward(
+        self, outputs: Tensor, pixel_embeddings: Tensor, attention_mask_target_size: int | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        mask_embeddings = self.mask_embedder(outputs.transpose(0, 1))
+        mask_logits = torch.einsum("bqc,bchw->bqhw", mask_embeddings, pixel_embeddings)
+        resized = F.interpolate(mask_logits, size=attention_mask_target_size, mode="bilinear", align_corners=False)
+        probs = resized.detach().sigmoid().flatten(2)
+        batch, queries, pixels = probs.shape
+
+        def per_head(block: Tensor) -> Tensor:
+            return block.unsqueeze(1).expand(batch, self.num_heads, queries, pixels).flatten(0, 1)
+
+        return mask_logits, (per_head(probs < 0.5), per_head(probs > 0.5))
+
+
+class Mask2AnomalyMaskedAttentionDecoderLayer(Mask2FormerMaskedAttentionDecoderLayer):
+    """Decoder layer with global masked attention: `cross_attn` (foreground) + `cross_attn_background`.
+
+    `encoder_attention_mask` is the pair `(foreground_block, background_block)` made by
+    [`Mask2AnomalyMaskPredictor`]. Self-attention and FFN are Mask2Former's.
+    """
+
+    def __init__(self, config: Mask2AnomalyConfig):
+        super().__init__(config)
+        self.cross_attn_background = nn.MultiheadAttention(self.embed_dim, config.num_attention_heads, config.dropout)
+
+    def global_masked_attention(
+        self,
+        hidden_states: Tensor,
+        memory: Tensor,
+        memory_position_embeddings: Tensor | None,
+        query_position_embeddings: Tensor | None,
+        attention_masks: tuple[Tensor, Tensor],
+    ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None]]:
+        """Sum of the foreground and background attentions, `(queries, batch, dim)`, and their weights."""
+        foreground_block, background_block = attention_masks
+        query = self.with_pos_embed(hidden_states, query_position_embeddings)
+        key = self.with_pos_embed(memory, memory_position_embeddings)
+        foreground, foreground_weights = self.cross_attn(query, key, memory, attn_mask=foreground_block)
+        background, background_weights = self.cross_attn_background(query, key, memory, attn_mask=background_block)
+        return foreground + background, (foreground_weights, background_weights)
+
+    def _self_attention_and_ffn(self, hidden_states: Tensor, query_position_embeddings: Tensor | None, pre_norm: bool):
+        residual = hidden_states
+        if pre_norm:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+        hidden_states, self_attn_weights = self.self_attn(
+            hidden_states=hidden_states,
+            position_embeddings=query_position_embeddings,
+            attention_mask=None,
+            output_attentions=True,
+        )
+        hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
+        if not pre_norm:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+
+        residual = hidden_states
+        if pre_norm:
+            hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        hidden_states = self.fc2(hidden_states)
+        hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
+        if not pre_norm:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return hidden_states, self_attn_weights
+
+    def _forward(self, pre_norm: bool, hidden_states, level_index, position_embeddings, query_position_embeddings,
+                 encoder_hidden_states, encoder_attention_mask, output_attentions):
+        residual = hidden_states
+        attended = self.cross_attn_layer_norm(hidden_states) if pre_norm else hidden_states
+        attended, cross_attn_weights = self.global_masked_attention(
+            attended,
+            encoder_hidden_states[level_index],
+            position_embeddings[level_index],
+            query_position_embeddings,
+            encoder_attention_mask,
+        )
+        hidden_states = residual + F.dropout(attended, p=self.dropout, training=self.training)
+        if not pre_norm:
+            hidden_states = self.cross_attn_layer_norm(hidden_states)
+        hidden_states, self_attn_weights = self._self_attention_and_ffn(hidden_states, query_position_embeddings, pre_norm)
+        outputs = (hidden_states,)
+        if output_attentions:
+            outputs += (self_attn_weights, cross_attn_weights)
+        return outputs
+
+    def forward_post(self, hidden_states, level_index=None, attention_mask=None, position_embeddings=None,
+                     query_position_embeddings=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                     output_attentions=False):
+        return self._forward(False, hidden_states, level_index, position_embeddings, query_position_embeddings,
+                             encoder_hidden_states, encoder_attention_mask, output_attentions)
+
+    def forward_pre(self, hidden_states, level_index=None, attention_mask=None, position_embeddings=None,
+                    query_position_embeddings=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                    output_attentions=False):
+        # The official GMA layer has no working pre-norm path; this is the natural one (norm, GMA, residual).
+        return self._forward(True, hidden_states, level_index, position_embeddings, query_position_embeddings,
+                             encoder_hidden_states, encoder_attention_mask, output_attentions)
+
+
+class Mask2AnomalyMaskedAttentionDecoder(Mask2FormerMaskedAttentionDecoder):
+    """Mask2Former's transformer decoder; with `global_masked_attention` its layers use GMA."""
+
+    def __init__(self, config: Mask2AnomalyConfig):
+        super().__init__(config)
+        if config.global_masked_attention:
+            self.layers = nn.ModuleList(
+                [Mask2AnomalyMaskedAttentionDecoderLayer(config) for _ in range(self.decoder_layers)]
+            )
+            self.mask_predictor = Mask2AnomalyMaskPredictor(
+                hidden_size=config.hidden_dim,
+                num_heads=config.num_attention_heads,
+                mask_feature_size=self.mask_feature_size,
+            )
+
+    def forward(
+        self,
+        inputs_embeds: Tensor | None = None,
+        multi_stage_positional_embeddings: list[Tensor] | None = None,
+        pixel_embeddings: Tensor | None = None,
+        encoder_hidden_states: list[Tensor] | None = None,
+        query_position_embeddings: Tensor | None = None,
+        feature_size_list: list | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ):
+        """Same inputs and outputs as [`Mask2FormerMaskedAttentionDecoder.forward`]."""
+        if not self.config.global_masked_attention:
+            return super().forward(
+                inputs_embeds=inputs_embeds,
+                multi_stage_positional_embeddings=multi_stage_positional_embeddings,
+                pixel_embeddings=pixel_embeddings,
+                encoder_hidden_states=encoder_hidden_states,
+                query_position_embeddings=query_position_embeddings,
+                feature_size_list=feature_size_list,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+            )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        attentions = () if output_attentions else None
+
+        normed = self.layernorm(hidden_states)
+        intermediate = (normed,)
+        mask_logits, attention_masks = self.mask_predictor(normed, pixel_embeddings, feature_size_list[0])
+        intermediate_mask_predictions = (mask_logits,)
+
+        for idx, decoder_layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            level_index = idx % self.num_feature_levels
+            attention_masks = tuple(_reset_fully_blocked_rows(block) for block in attention_masks)
+            layer_outputs = decoder_layer(
+                hidden_states,
+                level_index,
+                None,
+                multi_stage_positional_embeddings,
+                query_position_embeddings,
+                encoder_hidden_states,  # positional, for gradient checkpointing
+                encoder_attention_mask=attention_masks,
+                output_attentions=output_attentions,
+            )
+            hidden_states = layer_outputs[0]
+            normed = self.layernorm(hidden_states)
+            mask_logits, attention_masks = self.mask_predictor(
+                normed, pixel_embeddings, feature_size_list[(idx + 1) % self.num_feature_levels]
+            )
+            intermediate += (normed,)
+            intermediate_mask_predictions += (mask_logits,)
+            if output_attentions:
+                attentions += (layer_outputs[1],)
+
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        hidden_states = hidden_states.transpose(1, 0)
+        if not return_dict:
+            outputs = [hidden_states, all_hidden_states, attentions, intermediate, intermediate_mask_predictions]
+            return tuple(v for v in outputs if v is not None)
+        return Mask2FormerMaskedAttentionDecoderOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=attentions,
+            intermediate_hidden_states=intermediate,
+            masks_queries_logits=intermediate_mask_predictions,
+        )
+
+
+class Mask2AnomalyTransformerModule(Mask2FormerTransformerModule):
+    """Mask2Former's transformer module with the Mask2Anomaly decoder."""
+
+    def __init__(self, in_features: int, config: Mask2AnomalyConfig):
+        super().__init__(in_features, config)
+        self.decoder = Mask2AnomalyMaskedAttentionDecoder(config=config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
+# The files that travel with a saved model as remote code, and the Auto classes they serve.
+REMOTE_CODE_FILES = (
+    "configuration_mask2anomaly.py",
+    "modeling_mask2anomaly.py",
+    "image_processing_mask2anomaly.py",
+    "pipeline_mask2anomaly.py",
+    "visualize.py",
+)
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_mask2anomaly.Mask2AnomalyConfig",
+    "AutoModel": "modeling_mask2anomaly.Mask2AnomalyModel",
+    "AutoModelForUniversalSegmentation": "modeling_mask2anomaly.Mask2AnomalyForUniversalSegmentation",
+    "AutoModelForImageSegmentation": "modeling_mask2anomaly.Mask2AnomalyForUniversalSegmentation",
+    "AutoImageProcessor": "image_processing_mask2anomaly.Mask2AnomalyImageProcessor",
+}
+# `pipeline("image-segmentation" | "anomaly-segmentation", model=folder, trust_remote_code=True)` finds these in
+# config.json before transformers' own task list.
+REMOTE_CODE_CUSTOM_PIPELINES = {
+    "image-segmentation": {
+        "impl": "pipeline_mask2anomaly.Mask2AnomalySegmentationPipeline",
+        "pt": ["AutoModelForImageSegmentation"],
+        "type": "image",
+    },
+    "anomaly-segmentation": {
+        "impl": "pipeline_mask2anomaly.Mask2AnomalyMapPipeline",
+        "pt": ["AutoModelForImageSegmentation"],
+        "type": "image",
+    },
+}
+
+
+def copy_remote_code(save_directory: str | os.PathLike) -> list[str]:
+    """Copy the remote-code files that sit beside this module into `save_directory`; returns their names."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    copied = []
+    for name in REMOTE_CODE_FILES:
+        source = os.path.join(here, name)
+        if os.path.isfile(source):
+            shutil.copyfile(source, os.path.join(save_directory, name))
+            copied.append(name)
+    return copied
+
+
+class Mask2AnomalyPreTrainedModel(Mask2FormerPreTrainedModel):
+    config: Mask2AnomalyConfig
+    config_class = Mask2AnomalyConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    # The transformer decoder layers are transformers' GradientCheckpointingLayer; Mask2Former leaves the
+    # switch off, Mask2Anomaly turns it on (tested against un-checkpointed gradients).
+    supports_gradient_checkpointing = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, Mask2AnomalyMaskedAttentionDecoderLayer):
+            # Mask2Former zeroes the foreground attention's input bias; do the same for the background one.
+            nn.init.zeros_(module.cross_attn_background.in_proj_bias)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """[`PreTrainedModel.save_pretrained`], plus the remote-code files, an `auto_map` for every Auto class
+        and the custom pipelines, so the folder loads (and serves `pipeline(...)`) with `trust_remote_code=True`
+        where this package is not installed."""
+        self.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
+        self.config.custom_pipelines = copy.deepcopy(REMOTE_CODE_CUSTOM_PIPELINES)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            copy_remote_code(save_directory)
+
+
+class Mask2AnomalyModel(Mask2AnomalyPreTrainedModel, Mask2FormerModel):
+    """Mask2Anomaly's backbone, pixel decoder and transformer decoder (no class head); see [`Mask2FormerModel`]."""
+
+    def __init__(self, config: Mask2AnomalyConfig):
+        Mask2AnomalyPreTrainedModel.__init__(self, config)
+        self.pixel_level_module = Mask2FormerPixelLevelModule(config)
+        self.transformer_module = Mask2AnomalyTransformerModule(in_features=config.feature_size, config=config)
+        self.post_init()
+
+
+@dataclass
+class Mask2AnomalyForUniversalSegmentationOutput(Mask2FormerForUniversalSegmentationOutput):
+    """[`Mask2FormerForUniversalSegmentationOutput`] plus `loss_dict`, every weighted loss term by name
+    (`loss_cross_entropy`, `loss_mask`, `loss_dice`, `loss_contrastive`, and `_{i}` for auxiliary layer i)."""
+
+    loss_dict: dict[str, Tensor] | None = None
+
+
+class Mask2AnomalyForUniversalSegmentation(Mask2AnomalyPreTrainedModel, Mask2FormerForUniversalSegmentation):
+    """Mask2Anomaly with the class head: predicts `class_queries_logits` `(batch, queries, num_labels + 1)` and
+    `masks_queries_logits` `(batch, queries, height / 4, width / 4)`; with labels it returns the Mask2Former
+    losses plus the mask contrastive loss on the final and every auxiliary prediction."""
+
+    def __init__(self, config: Mask2AnomalyConfig):
+        Mask2AnomalyPreTrainedModel.__init__(self, config)
+        self.model = Mask2AnomalyModel(config)
+        self.weight_dict: dict[str, float] = {
+            "loss_cross_entropy": config.class_weight,
+            "loss_mask": config.mask_weight,
+            "loss_dice": config.dice_weight,
+        }
+        self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
+        self.criterion = Mask2FormerLoss(config=config, weight_dict=self.weight_dict)
+        self.post_init()
+
+    def contrastive_loss_dict(
+        self, class_queries_logits: tuple[Tensor, ...], masks_queries_logits: tuple[Tensor, ...], outlier_labels: Tensor
+    ) -> dict[str, Tensor]:
+        """Weighted mask contrastive loss of the final prediction (`loss_contrastive`) and of every auxiliary
+        one (`loss_contrastive_{i}`, i = 0 for the prediction made before the first decoder layer)."""
+        config = self.config
+
+        def term(classes: Tensor, masks: Tensor) -> Tensor:
+            loss = mask_contrastive_loss(classes, masks, outlier_labels, config.contrastive_margin, config.contrastive_loss)
+            return config.contrastive_weight * loss
+
+        losses = {"loss_contrastive": term(class_queries_logits[-1], masks_queries_logits[-1])}
+        if config.use_auxiliary_loss:
+            for idx, (classes, masks) in enumerate(zip(class_queries_logits[:-1], masks_queries_logits[:-1])):
+                losses[f"loss_contrastive_{idx}"] = term(classes, masks)
+        return losses
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        mask_labels: list[Tensor] | None = None,
+        class_labels: list[Tensor] | None = None,
+        outlier_labels: Tensor | None = None,
+        pixel_mask: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_auxiliary_logits: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Mask2AnomalyForUniversalSegmentationOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`): normalised, padded images.
+        mask_labels (`list[torch.Tensor]`, *optional*): per image, `(num_masks, height, width)` binary masks.
+        class_labels (`list[torch.LongTensor]`, *optional*): per image, `(num_masks,)` class ids of `mask_labels`.
+        outlier_labels (`torch.Tensor` of shape `(batch, height, width)`, *optional*): 1 where a pixel is a pasted
+            outlier, 0 elsewhere (void counts as non-outlier, as in the official code; other values are ignored).
+            When given and `config.contrastive_loss != "none"`, the mask contrastive loss is added.
+
+        The returned `loss` is the sum of every term of `loss_dict`; with `return_dict=False` it comes first
+        in the tuple.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        outputs = self.model(
+            pixel_values=pixel_values,
+            pixel_mask=pixel_mask,
+            # the per-layer decoder states are needed for the class head of every layer
+            output_hidden_states=True,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        class_queries_logits = tuple(
+            self.class_predictor(state.transpose(0, 1)) for state in outputs.transformer_decoder_intermediate_states
+        )
+        masks_queries_logits = outputs.masks_queries_logits
+        auxiliary_logits = self.get_auxiliary_logits(class_queries_logits, masks_queries_logits)
+
+        loss_dict: dict[str, Tensor] = {}
+        if mask_labels is not None and class_labels is not None:
+            loss_dict.update(
+                self.get_loss_dict(
+                    masks_queries_logits=masks_queries_logits[-1],
+                    class_queries_logits=class_queries_logits[-1],
+                    mask_labels=mask_labels,
+                    class_labels=class_labels,
+                    auxiliary_predictions=auxiliary_logits if self.config.use_auxiliary_loss else None,
+                )
+            )
+        if outlier_labels is not None and self.config.contrastive_loss != "none":
+            loss_dict.update(self.contrastive_loss_dict(class_queries_logits, masks_queries_logits, outlier_labels))
+        loss = self.get_loss(loss_dict) if loss_dict else None
+
+        output_auxiliary_logits = (
+            self.config.output_auxiliary_logits if output_auxiliary_logits is None else output_auxiliary_logits
+        )
+        output = Mask2AnomalyForUniversalSegmentationOutput(
+            loss=loss,
+            class_queries_logits=class_queries_logits[-1],
+            masks_queries_logits=masks_queries_logits[-1],
+            auxiliary_logits=auxiliary_logits if output_auxiliary_logits else None,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            pixel_decoder_last_hidden_state=outputs.pixel_decoder_last_hidden_state,
+            transformer_decoder_last_hidden_state=outputs.transformer_decoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states if output_hidden_states else None,
+            pixel_decoder_hidden_states=outputs.pixel_decoder_hidden_states if output_hidden_states else None,
+            transformer_decoder_hidden_states=(
+                outputs.transformer_decoder_hidden_states if output_hidden_states else None
+            ),
+            attentions=outputs.attentions,
+            loss_dict=loss_dict or None,
+        )
+        if not return_dict:
+            return output.to_tuple()
+        return output
+
+
+__all__ = [
+    "REMOTE_CODE_AUTO_MAP",
+    "REMOTE_CODE_CUSTOM_PIPELINES",
+    "copy_remote_code",
+    "Mask2AnomalyForUniversalSegmentation",
+    "Mask2AnomalyModel",
+    "Mask2AnomalyPreTrainedModel",
+    "class_mask_scores",
+    "mask_contrastive_loss",
+]

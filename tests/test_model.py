@@ -279,3 +279,28 @@ def test_eval_mode_is_deterministic():
         a, b = model(x), model(x)
     assert torch.equal(a.masks_queries_logits, b.masks_queries_logits)
     assert torch.equal(a.class_queries_logits, b.class_queries_logits)
+
+
+def _num_masks_worker(rank: int, init_file: str, counts: list[int], results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(counts))
+    try:
+        model = Mask2AnomalyForUniversalSegmentation(_tiny())
+        class_labels = [torch.zeros(counts[rank], dtype=torch.long)]
+        results[rank] = float(model.criterion.get_num_masks(class_labels, torch.device("cpu")))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_mask_count_is_the_mean_over_processes(tmp_path):
+    """detectron2 normalises the mask losses by the mean number of target masks per process (transformers
+    divides by the number of processes twice); checked with two real gloo processes."""
+    counts = [3, 6]
+    with torch.multiprocessing.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.spawn(
+            _num_masks_worker, args=(str(tmp_path / "rendezvous"), counts, results), nprocs=len(counts)
+        )
+        assert dict(results) == {0: 4.5, 1: 4.5}
+    single = Mask2AnomalyForUniversalSegmentation(_tiny()).criterion
+    assert float(single.get_num_masks([torch.zeros(3), torch.zeros(2)], torch.device("cpu"))) == 5.0
+    assert float(single.get_num_masks([torch.zeros(0)], torch.device("cpu"))) == 1.0

@@ -1,0 +1,125 @@
+"""The paper's ablation (Table 5 of Rai et al., ICCV 2023) re-run on SynthRoad with the project's own commands.
+
+Rows, each scored with the mask-level score ``1 - max_c S_c(x)`` ("MSP on masks"):
+
+A. Mask2Former (global masked attention off), stage 1
+B. + global masked attention (stage 1)
+C. + mask contrastive loss with outlier exposure (stage 2 from B)
+D. + mask refinement
+E. + flip test-time augmentation
+
+Missing runs are trained with ``mask2anomaly-train`` (stage 1 twice, with and without GMA, then stage 2 from the
+GMA run), the SynthRoad test splits are generated with ``mask2anomaly-synthroad``, every row is evaluated with
+``mask2anomaly-eval`` on both splits, and the markdown table is printed and written next to the runs::
+
+    python -m mask2anomaly_eval.ablation --config synthroad_ablation --output-dir outputs/ablation
+
+Existing run folders are reused (``--gma-stage1``/``--nogma-stage1``/``--gma-stage2`` point at other ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("A. Mask2Former, 1 - max_c S_c (MSP on masks)", "nogma_stage1", ("--no-refine", "--no-flip")),
+    ("B. + global masked attention", "gma_stage1", ("--no-refine", "--no-flip")),
+    ("C. + mask contrastive loss, outlier exposure", "gma_stage2", ("--no-refine", "--no-flip")),
+    ("D. + mask refinement", "gma_stage2", ("--no-flip",)),
+    ("E. + flip test-time augmentation", "gma_stage2", ()),
+)
+SPLITS = ("anomaly", "obstacle")
+
+
+def _run(command: list[str]) -> None:
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def train_missing(config: str, runs: dict[str, Path]) -> None:
+    """Train the three runs that do not exist yet (a folder with config.json counts as done)."""
+    jobs = (
+        ("nogma_stage1", ["--stage", "1", "model.config.global_masked_attention=false"]),
+        ("gma_stage1", ["--stage", "1"]),
+        ("gma_stage2", ["--stage", "2", "--init-from", str(runs["gma_stage1"])]),
+    )
+    for key, args in jobs:
+        if not (runs[key] / "config.json").exists():
+            _run([_bin("mask2anomaly-train"), "--config", config, "--output-dir", str(runs[key]), *args])
+
+
+def make_test_splits(data_dir: Path, num: int, seed: int) -> dict[str, Path]:
+    splits = {}
+    for split in SPLITS:
+        folder = data_dir / split
+        if not (folder / "images").is_dir() or len(list((folder / "images").glob("*.png"))) < num:
+            _run([_bin("mask2anomaly-synthroad"), "--split", split, "--num", str(num), "--seed", str(seed),
+                  "--output-dir", str(folder), "--height", "128", "--width", "256"])
+        splits[split] = folder
+    return splits
+
+
+def evaluate_rows(runs: dict[str, Path], splits: dict[str, Path], results_dir: Path) -> list[dict]:
+    rows = []
+    for index, (name, run, flags) in enumerate(ROWS):
+        row = {"row": name, "model": str(runs[run]), "flags": list(flags)}
+        for split, folder in splits.items():
+            out = results_dir / f"row{index}_{split}"
+            _run([_bin("mask2anomaly-eval"), "--model", str(runs[run]), "--benchmark", "synthroad",
+                  "--data-dir", str(folder), "--output-dir", str(out), "--scorer", "mask2anomaly", *flags])
+            metrics = json.loads((out / "synthroad.json").read_text())["metrics"]
+            row[split] = {key: metrics[key] for key in ("auprc", "fpr95", "auroc")}
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| variant | anomaly AuPRC | anomaly FPR95 | obstacle AuPRC | obstacle FPR95 |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        a, o = row["anomaly"], row["obstacle"]
+        lines.append(f"| {row['row']} | {100 * a['auprc']:.1f} | {100 * a['fpr95']:.1f} | "
+                     f"{100 * o['auprc']:.1f} | {100 * o['fpr95']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="synthroad_ablation", help="training config for the three runs")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/ablation"))
+    parser.add_argument("--gma-stage1", type=Path, help="existing stage-1 run with GMA (default OUTPUT/gma-stage1)")
+    parser.add_argument("--nogma-stage1", type=Path, help="existing stage-1 run without GMA")
+    parser.add_argument("--gma-stage2", type=Path, help="existing stage-2 run (from the GMA stage 1)")
+    parser.add_argument("--num-test-images", type=int, default=100)
+    parser.add_argument("--test-seed", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    out = args.output_dir
+    runs = {
+        "gma_stage1": args.gma_stage1 or out / "gma-stage1",
+        "nogma_stage1": args.nogma_stage1 or out / "nogma-stage1",
+        "gma_stage2": args.gma_stage2 or out / "gma-stage2",
+    }
+    train_missing(args.config, runs)
+    splits = make_test_splits(out / "data", args.num_test_images, args.test_seed)
+    rows = evaluate_rows(runs, splits, out / "results")
+    table = markdown_table(rows)
+    (out / "ablation.json").write_text(json.dumps(rows, indent=2))
+    (out / "ablation.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -126,6 +126,23 @@ def mask_contrastive_loss(
     return 0.5 * loss
 
 
+class Mask2AnomalyLoss(Mask2FormerLoss):
+    """Mask2Former's losses with the mask count normalised as detectron2 does across processes.
+
+    transformers' `Mask2FormerLoss.get_num_masks` averages the count over processes and then divides by the
+    number of processes again, so with N processes the mask and dice losses come out N times too large
+    (relative to the class and contrastive terms). Here: the count is summed over processes and divided once,
+    i.e. the mean number of target masks per process, as in the official criterion. One process: unchanged.
+    """
+
+    def get_num_masks(self, class_labels: list[Tensor], device: torch.device) -> Tensor:
+        num_masks = torch.as_tensor(float(sum(len(classes) for classes in class_labels)), device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(num_masks)
+            num_masks = num_masks / torch.distributed.get_world_size()
+        return num_masks.clamp(min=1)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Global masked attention
 # --------------------------------------------------------------------------------------------------------------
@@ -452,7 +469,7 @@ class Mask2AnomalyForUniversalSegmentation(Mask2AnomalyPreTrainedModel, Mask2For
             "loss_dice": config.dice_weight,
         }
         self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
-        self.criterion = Mask2FormerLoss(config=config, weight_dict=self.weight_dict)
+        self.criterion = Mask2AnomalyLoss(config=config, weight_dict=self.weight_dict)
         self.post_init()
 
     def contrastive_loss_dict(
@@ -560,6 +577,7 @@ __all__ = [
     "REMOTE_CODE_CUSTOM_PIPELINES",
     "copy_remote_code",
     "Mask2AnomalyForUniversalSegmentation",
+    "Mask2AnomalyLoss",
     "Mask2AnomalyModel",
     "Mask2AnomalyPreTrainedModel",
     "class_mask_scores",

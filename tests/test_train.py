@@ -117,7 +117,8 @@ def test_overrides_and_bad_keys_name_the_valid_ones(tmp_path):
 
 # ------------------------------------------------------------------------------------- optimiser and schedule
 def test_parameter_groups_and_poly_schedule_follow_detectron2():
-    config = tiny_config()
+    # the official lr and backbone multiplier (synthroad.yaml departs from them for its from-scratch backbone)
+    config = tiny_config("stage1.learning_rate=1e-4", "stage1.backbone_lr_multiplier=0.1")
     model, _ = build_model(config)
     groups = parameter_groups(model, config.stage1)
     backbone = {id(p) for p in backbone_of(model).parameters()}

@@ -12,7 +12,7 @@ Missing runs are trained with ``mask2anomaly-train`` (stage 1 twice, with and wi
 GMA run), the SynthRoad test splits are generated with ``mask2anomaly-synthroad``, every row is evaluated with
 ``mask2anomaly-eval`` on both splits, and the markdown table is printed and written next to the runs::
 
-    python -m mask2anomaly_eval.ablation --config synthroad_ablation --output-dir outputs/ablation
+    python -m mask2anomaly_eval.ablation --config synthroad --output-dir outputs/ablation
 
 Existing run folders are reused (``--gma-stage1``/``--nogma-stage1``/``--gma-stage2`` point at other ones).
 """
@@ -96,7 +96,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="synthroad_ablation", help="training config for the three runs")
+    parser.add_argument("--config", default="synthroad", help="training config for the three runs")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/ablation"))
     parser.add_argument("--gma-stage1", type=Path, help="existing stage-1 run with GMA (default OUTPUT/gma-stage1)")
     parser.add_argument("--nogma-stage1", type=Path, help="existing stage-1 run without GMA")

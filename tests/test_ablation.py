@@ -13,14 +13,14 @@ def test_train_missing_trains_only_absent_runs_and_stage2_from_the_gma_run(tmp_p
     runs = {name: tmp_path / name for name in ("gma_stage1", "nogma_stage1", "gma_stage2")}
     runs["gma_stage1"].mkdir()
     (runs["gma_stage1"] / "config.json").write_text("{}")
-    ablation.train_missing("synthroad_ablation", runs)
+    ablation.train_missing("synthroad", runs)
     assert len(calls) == 2
     nogma, stage2 = calls
     assert nogma[nogma.index("--output-dir") + 1] == str(runs["nogma_stage1"])
     assert "model.config.global_masked_attention=false" in nogma and nogma[nogma.index("--stage") + 1] == "1"
     assert stage2[stage2.index("--stage") + 1] == "2"
     assert stage2[stage2.index("--init-from") + 1] == str(runs["gma_stage1"])
-    assert all(call[call.index("--config") + 1] == "synthroad_ablation" for call in calls)
+    assert all(call[call.index("--config") + 1] == "synthroad" for call in calls)
 
 
 def test_rows_add_one_component_at_a_time():

@@ -45,7 +45,7 @@ from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mask2anomaly_model_cards.card import write_text_atomic
+from modeling_mask2anomaly.atomic_io import write_text_atomically
 from modeling_mask2anomaly.image_processing_mask2anomaly import (
     ANOMALY_SCORERS,
     Mask2AnomalyImageProcessor,
@@ -388,8 +388,8 @@ def write_results(record: Mapping[str, Any], output_dir: str | os.PathLike) -> t
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / f"{record['benchmark']}.json"
     markdown_path = output_dir / f"{record['benchmark']}.md"
-    write_text_atomic(json_path, json.dumps(record, indent=2, allow_nan=False) + "\n")
-    write_text_atomic(markdown_path, results_markdown(record))
+    write_text_atomically(json_path, json.dumps(record, indent=2, allow_nan=False) + "\n")
+    write_text_atomically(markdown_path, results_markdown(record))
     return json_path, markdown_path
 
 

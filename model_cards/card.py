@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
+
+from modeling_mask2anomaly.atomic_io import write_text_atomically
 
 logger = logging.get_logger(__name__)
 
@@ -339,23 +340,9 @@ def write_model_card(
     """
     card = render_model_card(model_dir, results, base_model=base_model, datasets=datasets, **card_options)
     path = Path(model_dir) / CARD_NAME
-    write_text_atomic(path, str(card))
+    write_text_atomically(path, str(card))
     logger.info(f"wrote the model card {path} ({len(card.data.eval_results or [])} model-index entries)")
     return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (never a partial file)."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 __all__ = [
@@ -369,5 +356,4 @@ __all__ = [
     "render_model_card",
     "training_section",
     "write_model_card",
-    "write_text_atomic",
 ]

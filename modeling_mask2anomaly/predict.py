@@ -23,11 +23,9 @@ import contextlib
 import glob
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
@@ -35,6 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from .atomic_io import write_atomically
 from .image_processing_mask2anomaly import (
     ANOMALY_SCORERS,
     AnomalyPrediction,
@@ -119,30 +118,6 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ outputs
-
-
-def _umask() -> int:
-    """The process umask (reading it means setting it, so set it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(target: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `target` through `write(file)` into a temporary file beside it, then rename it into place."""
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as temp_file:
-            write(temp_file)
-            temp_file.flush()
-            os.fsync(temp_file.fileno())
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would
-        os.chmod(temp_name, 0o666 & ~_umask())
-        os.replace(temp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
 
 
 def write_outputs(

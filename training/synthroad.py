@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 from transformers.utils import logging
+
+from modeling_mask2anomaly.atomic_io import write_atomically
 
 logger = logging.get_logger(__name__)
 
@@ -934,17 +935,7 @@ def _check_arguments(split: str, num: int, seed: int, height: int, width: int) -
 
 def write_png_atomic(array: np.ndarray, path: str) -> None:
     """Write `array` as a PNG at `path` so that `path` is either absent or complete: temp file, then rename."""
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

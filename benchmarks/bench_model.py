@@ -17,17 +17,10 @@ import statistics
 import time
 
 import torch
-from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+from transformers import Mask2FormerForUniversalSegmentation
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
-
-
-def mask2former_twin(config: Mask2AnomalyConfig) -> Mask2FormerConfig:
-    """The same architecture as a plain transformers Mask2Former configuration."""
-    fields = {k: v for k, v in config.to_dict().items() if k in Mask2FormerConfig.__dataclass_fields__}
-    fields.pop("model_type", None)
-    fields["backbone_config"] = config.backbone_config
-    return Mask2FormerConfig(**fields)
+from modeling_mask2anomaly.convert import mask2former_config_from_mask2anomaly
 
 
 def time_forward(model, pixel_values: torch.Tensor, autocast: str | None) -> float:
@@ -47,7 +40,7 @@ def run(name: str, height: int, width: int, repeats: int, device: str = "cpu", a
     config = getattr(Mask2AnomalyConfig, name)()
     torch.manual_seed(0)
     ours = Mask2AnomalyForUniversalSegmentation(config).eval().to(device)
-    stock = Mask2FormerForUniversalSegmentation(mask2former_twin(config)).eval().to(device)
+    stock = Mask2FormerForUniversalSegmentation(mask2former_config_from_mask2anomaly(config)).eval().to(device)
     params = (sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in stock.parameters()))
     if compile_model:
         ours, stock = torch.compile(ours), torch.compile(stock)

@@ -586,6 +586,17 @@ def convert_checkpoint(
 # ----------------------------------------------------------------------------------------------------------
 # Mask2Former -> Mask2Anomaly
 # ----------------------------------------------------------------------------------------------------------
+def mask2former_config_from_mask2anomaly(config: Mask2AnomalyConfig):
+    """The same architecture as a plain transformers `Mask2FormerConfig` (no global masked attention), e.g. to
+    compare a Mask2Anomaly model with the Mask2Former it extends."""
+    from transformers import Mask2FormerConfig
+
+    fields = {k: v for k, v in config.to_dict().items() if k in Mask2FormerConfig.__dataclass_fields__}
+    fields.pop("model_type", None)
+    fields["backbone_config"] = config.backbone_config
+    return Mask2FormerConfig(**fields)
+
+
 def mask2anomaly_config_from_mask2former(mask2former_config) -> Mask2AnomalyConfig:
     """A `Mask2AnomalyConfig` with the architecture, classes and loss weights of a Mask2Former config and
     global masked attention switched on."""

@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 from torch.nn import functional as F
-from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+from transformers import Mask2FormerForUniversalSegmentation
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, mask_contrastive_loss
+from modeling_mask2anomaly.convert import mask2former_config_from_mask2anomaly
 from modeling_mask2anomaly.modeling_mask2anomaly import (
     Mask2AnomalyMaskedAttentionDecoderLayer,
     Mask2AnomalyMaskPredictor,
@@ -145,17 +146,10 @@ def test_mask_predictor_blocks_and_reset():
 # ----------------------------------------------------------------------------------------------------------
 # GMA off is Mask2Former
 # ----------------------------------------------------------------------------------------------------------
-def _mask2former_twin(config: Mask2AnomalyConfig) -> Mask2FormerConfig:
-    fields = {k: v for k, v in config.to_dict().items() if k in Mask2FormerConfig.__dataclass_fields__}
-    fields.pop("model_type", None)
-    fields["backbone_config"] = config.backbone_config
-    return Mask2FormerConfig(**fields)
-
-
 def test_gma_off_equals_stock_mask2former():
     config = _tiny(global_masked_attention=False)
     torch.manual_seed(3)
-    stock = Mask2FormerForUniversalSegmentation(_mask2former_twin(config)).eval()
+    stock = Mask2FormerForUniversalSegmentation(mask2former_config_from_mask2anomaly(config)).eval()
     ours = Mask2AnomalyForUniversalSegmentation(config).eval()
     ours.load_state_dict(stock.state_dict(), strict=True)
     x = torch.randn(2, 3, 64, 96)
@@ -173,7 +167,7 @@ def test_parameter_count_is_one_attention_per_layer(which):
     config = getattr(Mask2AnomalyConfig, which)()
     with torch.device("meta"):
         ours = Mask2AnomalyForUniversalSegmentation(config)
-        stock = Mask2FormerForUniversalSegmentation(_mask2former_twin(config))
+        stock = Mask2FormerForUniversalSegmentation(mask2former_config_from_mask2anomaly(config))
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     d = config.hidden_dim
     layers = config.decoder_layers - 1

@@ -55,6 +55,7 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
+from modeling_mask2anomaly.configuration_mask2anomaly import resnet_backbone
 from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
 
 from .collate import TrainingCollator
@@ -429,16 +430,12 @@ STAGE2_MUTABLE_CONFIG_KEYS = (
 
 def model_config_from_settings(settings: ModelSettings) -> Mask2AnomalyConfig:
     """A fresh `Mask2AnomalyConfig` from `model.preset` and `model.config`."""
-    from transformers import ResNetConfig
-
     presets = {"paper": Mask2AnomalyConfig.paper, "tiny": Mask2AnomalyConfig.tiny}
     if settings.preset not in presets:
         raise ValueError(f"model.preset={settings.preset!r} is not one of {', '.join(presets)}")
     overrides = dict(settings.config)
     if isinstance(overrides.get("backbone_config"), Mapping):
-        backbone = dict(overrides["backbone_config"])
-        backbone.setdefault("out_features", ["stage1", "stage2", "stage3", "stage4"])
-        overrides["backbone_config"] = ResNetConfig(**backbone)
+        overrides["backbone_config"] = resnet_backbone(**overrides["backbone_config"])
     valid = {f.name for f in dataclasses.fields(Mask2AnomalyConfig)}
     unknown = sorted(set(overrides) - valid)
     if unknown:

@@ -171,12 +171,16 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def load_model(
-    model_name_or_path: str, device: torch.device
+    model_name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> tuple[Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor]:
-    """The model and its processor from a folder or a Hub id (the Hub cache works offline); a folder without a
-    preprocessor_config.json gets the processor built from the model config."""
-    model = Mask2AnomalyForUniversalSegmentation.from_pretrained(model_name_or_path).to(device).eval()
+    """The model (weights cast to `dtype`) and its processor from a folder or a Hub id (the Hub cache works
+    offline); a folder without a preprocessor_config.json gets the processor built from the model config."""
+    model = Mask2AnomalyForUniversalSegmentation.from_pretrained(model_name_or_path)
+    model = model.to(device=device, dtype=dtype).eval()
     try:
         processor = Mask2AnomalyImageProcessor.from_pretrained(model_name_or_path)
     except OSError:
@@ -199,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="outputs/predict", help="where outputs go (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="weights and activations of the forward pass; pre- and post-processing stay float32 "
+                             "(bfloat16 is for GPUs; default: %(default)s)")
     parser.add_argument("--no-refine", action="store_true", help="turn off mask refinement by confident stuff masks")
     parser.add_argument("--no-flip", action="store_true", help="turn off horizontal-flip test-time augmentation")
     parser.add_argument("--no-resize", action="store_true",
@@ -250,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mask2anomaly-predict: no input images", file=sys.stderr)
         return 1
 
-    model, processor = load_model(args.model, device)
+    model, processor = load_model(args.model, device, DTYPES[args.dtype])
     do_resize = False if args.no_resize else None  # None: the processor's own setting
     flip_tta = processor.flip_tta and not args.no_flip
     refine = processor.refine and not args.no_refine

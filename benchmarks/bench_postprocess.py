@@ -8,9 +8,10 @@ score, refine.
 Each measurement runs in a fresh subprocess (`--worker ours|naive`), so that peak memory is that process's
 `ru_maxrss` minus its value once the inputs are built (tracemalloc does not see torch's allocations). The two sides
 alternate, `--repeats` times each; medians are reported with the ratios and the maximum absolute difference of the
-maps.
+maps. With `--device cuda` the inputs live on the GPU and peak memory is `torch.cuda.max_memory_allocated` above
+what the inputs hold.
 
-    python benchmarks/bench_postprocess.py [--repeats 5] [--threads 2]
+    python benchmarks/bench_postprocess.py [--repeats 5] [--threads 2] [--device cuda]
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def naive_anomaly(outputs: SimpleNamespace, valid: tuple[int, int], target: tupl
     return anomaly
 
 
-def worker(side: str, out_path: str, runs: int) -> None:
+def worker(side: str, out_path: str, runs: int, device: torch.device) -> None:
     outputs = build_inputs()
+    outputs = SimpleNamespace(**{name: value.to(device) for name, value in vars(outputs).items()})
     if side == "ours":
         from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
 
@@ -82,17 +84,28 @@ def worker(side: str, out_path: str, runs: int) -> None:
         def run() -> torch.Tensor:
             return naive_anomaly(outputs, OUTPUT_SIZE, OUTPUT_SIZE)
 
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         anomaly = run()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
         del anomaly
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    np.save(out_path, run().numpy())
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    np.save(out_path, run().cpu().numpy())
     # the output map itself (8 MiB) is counted on both sides
-    json.dump({"times": times, "peak_extra_mb": (peak_kb - baseline_kb) / 1024}, sys.stdout)
+    json.dump({"times": times, "peak_extra_mb": (peak - baseline) / 2**20}, sys.stdout)
 
 
 def main() -> None:
@@ -100,12 +113,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="subprocesses per side, alternating")
     parser.add_argument("--runs", type=int, default=2, help="timed runs inside each subprocess (median kept)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the workers")
+    parser.add_argument("--device", default="cpu", help="where the inputs live and the work runs")
     parser.add_argument("--worker", choices=["ours", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was given but torch sees no CUDA device on this machine")
     if args.worker:
-        worker(args.worker, args.out, args.runs)
+        worker(args.worker, args.out, args.runs, device)
         return
 
     results = {"ours": [], "naive": []}
@@ -113,7 +130,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for side in ("ours", "naive") if repeat % 2 == 0 else ("naive", "ours"):
                 command = [sys.executable, os.path.abspath(__file__), "--worker", side, "--runs", str(args.runs),
-                           "--threads", str(args.threads), "--out", os.path.join(folder, f"{side}.npy")]
+                           "--threads", str(args.threads), "--device", args.device, "--out", os.path.join(folder, f"{side}.npy")]
                 done = subprocess.run(command, check=True, capture_output=True, text=True)
                 report = json.loads(done.stdout.strip().splitlines()[-1])
                 results[side].append((statistics.median(report["times"]), report["peak_extra_mb"]))
@@ -125,7 +142,7 @@ def main() -> None:
         summary[side] = (statistics.median(t for t, _ in rows), statistics.median(m for _, m in rows))
     print(f"setting: {NUM_QUERIES} queries, {NUM_CLASSES} classes, masks {MASK_SIZE[0]}x{MASK_SIZE[1]}, padded "
           f"{4 * MASK_SIZE[0]}x{4 * MASK_SIZE[1]}, output {OUTPUT_SIZE[0]}x{OUTPUT_SIZE[1]}, refinement on, "
-          f"{args.threads} threads, {args.repeats} subprocesses x {args.runs} runs per side")
+          f"device {args.device}, {args.threads} threads, {args.repeats} subprocesses x {args.runs} runs per side")
     for side in ("ours", "naive"):
         times = ", ".join(f"{t:.3f}" for t, _ in results[side])
         print(f"{side:>5}: median time {summary[side][0]:.3f} s ({times}), median peak extra memory "

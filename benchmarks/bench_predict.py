@@ -10,8 +10,11 @@ Time is split with forward hooks on the backbone (`pixel_level_module.encoder`),
 (`pixel_level_module.decoder`) and the transformer decoder (`transformer_module`); "pre/post-processing" is
 `predict_anomaly` minus the forward passes (resize/normalise and the block-wise anomaly + semantic maps), and
 "read" / "write" are the file steps around it. The first image of each setting is a warm-up and is not counted.
+`--profile` then runs `torch.profiler` over one more prediction (flip off) and prints the operators that take the
+time (self time, top 15), which says why a stage costs what it does.
 
-    python benchmarks/bench_predict.py [--quick] [--images 3] [--threads 2] [--device cpu]
+    python benchmarks/bench_predict.py [--quick] [--images 3] [--threads 2] [--device cpu] [--profile]
+    python benchmarks/bench_predict.py --device cuda --images 11 --dtype bfloat16   # GPU, bf16 weights
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from modeling_mask2anomaly import (
     load_image,
     predict_anomaly,
 )
-from modeling_mask2anomaly.predict import output_stems, write_outputs
+from modeling_mask2anomaly.predict import DTYPES, output_stems, resolve_device, write_outputs
 
 STAGES = {
     "backbone": lambda m: m.model.pixel_level_module.encoder,
@@ -122,6 +125,19 @@ def run_setting(model, processor, paths: list[Path], out: Path, flip_tta: bool, 
     return {name: value / counted for name, value in totals.items()}
 
 
+def print_profile(model, processor, path: Path, device: torch.device) -> None:
+    """Operator-level profile of one prediction (flip off): the top operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    image = np.asarray(load_image(path))
+    with profile(activities=activities) as prof:
+        predict_anomaly(model, processor, [image], flip_tta=False, device=device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of one prediction (flip off), top operators by {sort_by.replace('_', ' ')}:")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=40))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=3, help="images per setting; the first is a warm-up")
@@ -130,19 +146,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--profile", action="store_true", help="also print an operator profile of one prediction")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model weights (as the CLI's --dtype)")
     args = parser.parse_args(argv)
     count = 2 if args.quick else max(1, args.images)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
 
     torch.manual_seed(0)
-    model = Mask2AnomalyForUniversalSegmentation(Mask2AnomalyConfig.paper()).to(device).eval()
+    model = Mask2AnomalyForUniversalSegmentation(Mask2AnomalyConfig.paper())
+    model = model.to(device=device, dtype=DTYPES[args.dtype]).eval()
     processor = Mask2AnomalyImageProcessor.from_model_config(model.config)
     timer = StageTimer(model, device)
     print(f"model: paper config, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
           f"{count} images of {args.height}x{args.width} per setting ({count - 1 if count > 1 else 1} timed); "
-          f"device {device}, torch threads {torch.get_num_threads()}")
+          f"device {device}, {args.dtype}, torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
@@ -159,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nflip TTA {'on ' if flip_tta else 'off'}: {1.0 / total:.3f} images/s ({total:.2f} s per image)")
             for name, value in sorted(seconds.items(), key=lambda item: -item[1]):
                 print(f"  {name:<22} {value:7.2f} s  {100 * value / total:5.1f}%")
+        if args.profile:
+            print_profile(model, processor, paths[-1], device)
     return 0
 
 

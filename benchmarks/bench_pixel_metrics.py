@@ -78,7 +78,14 @@ def reset_peak() -> None:
         handle.write("5")
 
 
-def run_worker(side: str, num_frames: int, height: int, width: int, stream: bool, float16: bool = False) -> dict:
+STREAM_VARIANTS = {
+    "exact": "exact mode, float32 scores",
+    "exact-float16": "exact mode, scores stored as float16 (as SMIYC submissions are)",
+    "smiyc": "smiyc mode (the benchmark's 768 per-frame bins), float32 scores",
+}
+
+
+def run_worker(side: str, num_frames: int, height: int, width: int, stream: bool, variant: str = "exact") -> dict:
     """Body of one subprocess measurement (see the module docstring)."""
     from sklearn.metrics import auc, average_precision_score, roc_curve
 
@@ -109,11 +116,11 @@ def run_worker(side: str, num_frames: int, height: int, width: int, stream: bool
         result = {"auprc": auprc, "auroc": auc(fpr, tpr), "fpr95": fpr[np.searchsorted(tpr, 0.95)],
                   "num_pixels": int(y.size)}
     elif side == "accumulator":
-        accumulator = PixelMetricAccumulator("exact")
+        accumulator = PixelMetricAccumulator("smiyc" if variant == "smiyc" else "exact")
         for i in range(num_frames):
             if stream:
                 scores, labels = make_frame(i, height, width)
-                accumulator.add(scores.astype(np.float16) if float16 else scores, labels)
+                accumulator.add(scores.astype(np.float16) if variant == "exact-float16" else scores, labels)
                 del scores, labels
             else:
                 accumulator.add(*frames[i])
@@ -139,9 +146,9 @@ def run_worker(side: str, num_frames: int, height: int, width: int, stream: bool
     }
 
 
-def measure(side: str, num_frames: int, height: int, width: int, stream: bool = False, float16: bool = False) -> dict:
+def measure(side: str, num_frames: int, height: int, width: int, stream: bool = False, variant: str = "exact") -> dict:
     command = [sys.executable, __file__, "--worker", side, "--frames", str(num_frames), "--height", str(height),
-               "--width", str(width)] + (["--stream"] if stream else []) + (["--float16"] if float16 else [])
+               "--width", str(width), "--variant", variant] + (["--stream"] if stream else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -156,10 +163,10 @@ def main() -> None:
     parser.add_argument("--streaming-only", action="store_true", help="skip the comparison with scikit-learn")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--float16", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=STREAM_VARIANTS, default="exact", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args.frames, args.height, args.width, args.stream, args.float16)))
+        print(json.dumps(run_worker(args.worker, args.frames, args.height, args.width, args.stream, args.variant)))
         return
     if args.quick:
         args.frames, args.height, args.width, args.repeats = 21, 256, 512, 1
@@ -167,12 +174,12 @@ def main() -> None:
     if not args.streaming_only:
         compare(args)
     sizes = (2, 4, 8) if args.quick else (5, 10, 20, 40, 80)
-    for float16, title in ((False, "float32 scores"), (True, "scores stored as float16, as SMIYC submissions are")):
+    for variant, title in STREAM_VARIANTS.items():
         print(f"\nstreaming memory, {title} (accumulator; images generated one at a time, nothing held; the peak "
               "includes the generator's temporaries):")
         first = None
         for num_frames in sizes:
-            run = measure("accumulator", num_frames, args.height, args.width, stream=True, float16=float16)
+            run = measure("accumulator", num_frames, args.height, args.width, stream=True, variant=variant)
             first = first or run
             extra = (run["peak_mb"] - first["peak_mb"]) / max(num_frames - sizes[0], 1)
             print(f"  {num_frames:3d} images ({run['num_pixels']:>11,} px): peak +{run['peak_mb']:6.1f} MB "

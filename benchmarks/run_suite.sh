@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole performance suite of benchmarks/RESULTS.md in one go, on the CPU or on a GPU:
 #
-#     bash benchmarks/run_suite.sh            # CPU (this project's 2-core machine: about an hour)
+#     bash benchmarks/run_suite.sh            # CPU (this project's 2-core machine: about 25 minutes)
 #     bash benchmarks/run_suite.sh cuda       # GPU: adds the bf16-autocast and torch.compile variants
 #
 # Everything printed also goes to outputs/benchmarks/suite-<device>-<date>.txt. Each script measures both sides
@@ -27,9 +27,8 @@ if [ "$device" = cpu ]; then
     run "$PY" benchmarks/bench_model.py --repeats 5
     run "$PY" benchmarks/bench_postprocess.py --repeats 5 --threads 2
     run "$PY" benchmarks/bench_pixel_metrics.py
-    run "$PY" benchmarks/bench_pixel_metrics.py --streaming-only
     OMP_NUM_THREADS=1 run "$PY" benchmarks/bench_training.py --steps 5 --repeats 4 --num-workers 2 --unfrozen
-    run "$PY" benchmarks/bench_predict.py --quick
+    run "$PY" benchmarks/bench_predict.py --quick --profile
 else
     for variant in "" "--autocast bf16" "--compile" "--autocast bf16 --compile"; do
         # shellcheck disable=SC2086
@@ -41,6 +40,6 @@ else
     run "$PY" benchmarks/bench_predict.py --device "$device" --images 11 --dtype bfloat16
     gpu="${device#cuda}"; gpu="${gpu#:}"  # accelerate takes the first visible GPU
     CUDA_VISIBLE_DEVICES="${gpu:-${CUDA_VISIBLE_DEVICES:-0}}" run "$PY" benchmarks/bench_training.py --steps 10 --repeats 4 --num-workers 2 --unfrozen
-    run "$PY" benchmarks/bench_pixel_metrics.py  # numpy on the CPU, the same on either machine
+    run "$PY" benchmarks/bench_pixel_metrics.py  # numpy on the CPU, the same on either machine (incl. streaming)
 fi
 echo "results in $log"

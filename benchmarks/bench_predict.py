@@ -39,7 +39,7 @@ from modeling_mask2anomaly import (
     load_image,
     predict_anomaly,
 )
-from modeling_mask2anomaly.predict import DTYPES, output_stems, resolve_device, write_outputs
+from modeling_mask2anomaly.predict import DTYPES, check_dtype_for_device, output_stems, resolve_device, write_outputs
 
 STAGES = {
     "backbone": lambda m: m.model.pixel_level_module.encoder,
@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)
+        check_dtype_for_device(args.dtype, device)
     except ValueError as err:
         parser.error(str(err))
 

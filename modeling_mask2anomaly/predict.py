@@ -174,6 +174,17 @@ def resolve_device(device: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_dtype_for_device(dtype: str, device: torch.device) -> None:
+    """Reduced precision is for GPUs: on the CPU, torch's grid_sample gives wrong bfloat16 results for the pixel
+    decoder's inputs (and is no faster), so `--dtype bfloat16/float16` with a CPU device is refused."""
+    if dtype != "float32" and device.type == "cpu":
+        raise ValueError(
+            f"--dtype {dtype} needs a GPU: on the CPU, torch's grid_sample returns wrong values (even NaN) for "
+            f"{dtype} inputs laid out as the pixel decoder lays them out, and is no faster; use --dtype float32 "
+            "on the CPU"
+        )
+
+
 def load_model(
     model_name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> tuple[Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor]:
@@ -204,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="weights and activations of the forward pass; pre- and post-processing stay float32 "
-                             "(bfloat16 is for GPUs; default: %(default)s)")
+                        help="weights and activations of the forward pass on a GPU; pre- and post-processing stay "
+                             "float32 (the CPU runs float32 only; default: %(default)s)")
     parser.add_argument("--no-refine", action="store_true", help="turn off mask refinement by confident stuff masks")
     parser.add_argument("--no-flip", action="store_true", help="turn off horizontal-flip test-time augmentation")
     parser.add_argument("--no-resize", action="store_true",
@@ -245,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         device = resolve_device(args.device)
+        check_dtype_for_device(args.dtype, device)
     except ValueError as err:
         print(f"mask2anomaly-predict: {err}", file=sys.stderr)
         return 2

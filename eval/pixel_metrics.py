@@ -38,6 +38,8 @@ TPR_TARGET = 0.95
 
 # Distinct scores per chunk of the final sweep: bounds compute()'s temporaries (about a dozen arrays of this length).
 _SWEEP_CHUNK = 1 << 18
+# Entries per chunk of the in-place duplicate removal when two exact-mode runs merge.
+_MERGE_CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -180,14 +182,31 @@ def _merge_packed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     merged = np.concatenate([a, b])
     merged.sort(kind="stable")
     # Entries of one (score, class) differ only in their count bits; a run holds each pair at most once, so equal
-    # pairs come in adjacent twos. (One temporary instead of two shifted copies: memory follows the state size.)
-    difference = merged[1:] ^ merged[:-1]
-    difference >>= np.uint64(31)
-    duplicate = np.flatnonzero(difference == 0)
-    del difference
-    if duplicate.size:
-        merged[duplicate] += merged[duplicate + 1] & _COUNT_MASK
-        merged = np.delete(merged, duplicate + 1)
+    # pairs come in adjacent twos. The first of each pair takes the second's count and the second is dropped,
+    # compacting in place a chunk at a time: temporaries follow the chunk, not the state.
+    size, write, start, skip_first = merged.size, 0, 0, False
+    while start < size:
+        stop = min(start + _MERGE_CHUNK, size)
+        pairs = merged[start:min(stop + 1, size)] >> np.uint64(31)  # one entry past the chunk: straddling pairs
+        first = np.flatnonzero(pairs[1:] == pairs[:-1])
+        del pairs
+        if first.size == 0 and not skip_first:
+            if write != start:
+                merged[write:write + stop - start] = merged[start:stop]
+            write += stop - start
+        else:
+            merged[start + first] += merged[start + first + 1] & _COUNT_MASK
+            keep = np.ones(stop - start, bool)
+            keep[0] = not skip_first
+            second = first + 1
+            keep[second[second < stop - start]] = False
+            skip_first = bool(second.size) and bool(second[-1] == stop - start)  # a pair straddles the chunk end
+            kept = merged[start:stop][keep]
+            merged[write:write + kept.size] = kept
+            write += kept.size
+        start = stop
+    if write < size:
+        merged.resize(write, refcheck=False)  # shrinks in place: `merged` is this function's own array
     return merged
 
 

@@ -223,6 +223,40 @@ def test_sweep_in_small_chunks_equals_sklearn(monkeypatch, generic):
     assert_matches_sklearn(accumulate("exact", scores, labels), sklearn_reference(scores, labels))
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64])
+def test_merge_in_small_chunks_equals_sklearn(monkeypatch, chunk):
+    """The in-place duplicate removal of run merges, with chunk boundaries forced everywhere (also between the two
+    entries of a (score, class) pair that both runs hold), changes nothing."""
+    monkeypatch.setattr(pixel_metrics, "_MERGE_CHUNK", chunk)
+    scores, labels = random_frames("ties", 12, num=9)
+    assert_matches_sklearn(accumulate("exact", scores, labels), sklearn_reference(scores, labels))
+
+
+def test_merge_packed_equals_a_naive_count_merge(monkeypatch):
+    """_merge_packed against a dictionary of (score key, class) -> count, for every small chunk size."""
+    rng = np.random.default_rng(21)
+    shift, class_bit = np.uint64(32), np.uint64(1 << 31)
+
+    def run(size: int) -> tuple[np.ndarray, dict]:
+        pairs = np.unique(rng.integers(0, 80, size)).astype(np.uint64)  # few pairs: many shared by both runs
+        keys, classes = pairs // np.uint64(2), pairs % np.uint64(2)  # a score may have entries of both classes
+        counts = rng.integers(1, 1000, keys.size).astype(np.uint64)
+        packed = np.sort((keys << shift) | (classes * class_bit) | counts)
+        return packed, {(int(k), int(c)): int(n) for k, c, n in zip(keys, classes, counts)}
+
+    for chunk in (1, 2, 3, 4, 7, 1 << 20):
+        monkeypatch.setattr(pixel_metrics, "_MERGE_CHUNK", chunk)
+        for _ in range(20):
+            (a, counts_a), (b, counts_b) = run(int(rng.integers(0, 30))), run(int(rng.integers(0, 30)))
+            expected = dict(counts_a)
+            for key, count in counts_b.items():
+                expected[key] = expected.get(key, 0) + count
+            merged = pixel_metrics._merge_packed(a.copy(), b.copy())
+            assert np.all(merged[1:] > merged[:-1])
+            got = {(int(e >> shift), int((e & class_bit) != 0)): int(e & np.uint64((1 << 31) - 1)) for e in merged}
+            assert got == expected
+
+
 def test_switch_to_generic_state_mid_stream(monkeypatch):
     """Past the packed count limit (or with float64 scores) the state converts itself and stays exact."""
     monkeypatch.setattr(pixel_metrics, "_PACKED_COUNT_LIMIT", 500)

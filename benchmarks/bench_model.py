@@ -17,6 +17,7 @@ in the same precision (fp32, or bf16 under `--autocast bf16`). On a known GPU th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import time
@@ -27,6 +28,7 @@ from transformers import Mask2FormerForUniversalSegmentation
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
 from modeling_mask2anomaly.convert import mask2former_config_from_mask2anomaly
+from modeling_mask2anomaly.predict import resolve_device
 
 
 # Nominal dense matrix peaks (TFLOP/s, without sparsity) of GPUs the project is benchmarked on, by name fragment.
@@ -58,11 +60,17 @@ def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, repeats: i
     return 2 * size**3 / statistics.median(times)
 
 
+@contextlib.contextmanager
+def inference(device: torch.device, autocast: str | None):
+    """Inference mode, with bf16 autocast when `autocast == "bf16"`: the setting of every forward here."""
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        yield
+
+
 def forward_flops(model, pixel_values: torch.Tensor, autocast: str | None) -> int:
     """Matrix FLOPs of one forward (uncompiled model), as counted by torch's FLOP counter."""
     counter = FlopCounterMode(display=False)
-    device = pixel_values.device
-    with torch.inference_mode(), counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+    with inference(pixel_values.device, autocast), counter:
         model(pixel_values)
     return counter.get_total_flops()
 
@@ -81,8 +89,7 @@ def nominal_peak(device: torch.device, autocast: str | None) -> float | None:
 
 
 def outputs_of(model, pixel_values: torch.Tensor, autocast: str | None) -> dict[str, torch.Tensor]:
-    with torch.inference_mode(), torch.autocast(pixel_values.device.type, dtype=torch.bfloat16,
-                                                enabled=autocast == "bf16"):
+    with inference(pixel_values.device, autocast):
         outputs = model(pixel_values)
     return {"class logits": outputs.class_queries_logits.float(), "mask logits": outputs.masks_queries_logits.float()}
 
@@ -91,7 +98,7 @@ def time_forward(model, pixel_values: torch.Tensor, autocast: str | None) -> flo
     device = pixel_values.device
     synchronize(device)
     start = time.perf_counter()
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+    with inference(device, autocast):
         model(pixel_values)
     synchronize(device)
     return time.perf_counter() - start
@@ -143,9 +150,10 @@ def main() -> None:
     parser.add_argument("--autocast", choices=["bf16"], default=None, help="bf16 autocast around the forward")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda was given but torch sees no CUDA device on this machine")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     if args.autocast == "bf16" and device.type == "cpu":
         print("note: bf16 autocast on the CPU only checks that the code path runs: torch's CPU grid_sample gives "
               "wrong bfloat16 values for the pixel decoder's strided inputs, and CPU bf16 speed is not a GPU's")
@@ -164,7 +172,7 @@ def main() -> None:
           "| Mask2Anomaly TFLOP/s (fraction of measured peak" + (", of nominal" if nominal else "") + ") |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
-        r = run(name, args.height, args.width, args.repeats, args.device, args.autocast, args.compile)
+        r = run(name, args.height, args.width, args.repeats, str(device), args.autocast, args.compile)
         achieved = r["achieved_tflops_mask2anomaly"]
         fraction = f"{achieved:.3f} ({achieved / peak:.1%}" + (f", {achieved / nominal:.1%}" if nominal else "") + ")"
         print(

@@ -118,19 +118,22 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda was given but torch sees no CUDA device on this machine")
-    if args.worker:
-        worker(args.worker, args.out, args.runs, device)
+    if args.worker:  # the parent has checked the device; the workers import nothing they do not measure
+        worker(args.worker, args.out, args.runs, torch.device(args.device))
         return
+    from modeling_mask2anomaly.predict import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
 
     results = {"ours": [], "naive": []}
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
             for side in ("ours", "naive") if repeat % 2 == 0 else ("naive", "ours"):
                 command = [sys.executable, os.path.abspath(__file__), "--worker", side, "--runs", str(args.runs),
-                           "--threads", str(args.threads), "--device", args.device, "--out", os.path.join(folder, f"{side}.npy")]
+                           "--threads", str(args.threads), "--device", str(device), "--out", os.path.join(folder, f"{side}.npy")]
                 done = subprocess.run(command, check=True, capture_output=True, text=True)
                 report = json.loads(done.stdout.strip().splitlines()[-1])
                 results[side].append((statistics.median(report["times"]), report["peak_extra_mb"]))
@@ -142,7 +145,7 @@ def main() -> None:
         summary[side] = (statistics.median(t for t, _ in rows), statistics.median(m for _, m in rows))
     print(f"setting: {NUM_QUERIES} queries, {NUM_CLASSES} classes, masks {MASK_SIZE[0]}x{MASK_SIZE[1]}, padded "
           f"{4 * MASK_SIZE[0]}x{4 * MASK_SIZE[1]}, output {OUTPUT_SIZE[0]}x{OUTPUT_SIZE[1]}, refinement on, "
-          f"device {args.device}, {args.threads} threads, {args.repeats} subprocesses x {args.runs} runs per side")
+          f"device {device}, {args.threads} threads, {args.repeats} subprocesses x {args.runs} runs per side")
     for side in ("ours", "naive"):
         times = ", ".join(f"{t:.3f}" for t, _ in results[side])
         print(f"{side:>5}: median time {summary[side][0]:.3f} s ({times}), median peak extra memory "

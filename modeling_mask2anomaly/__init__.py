@@ -17,6 +17,7 @@ from .configuration_mask2anomaly import (
     ANOMALY_SCORERS,
     CITYSCAPES_CLASSES,
     CITYSCAPES_REFINE_CLASS_IDS,
+    OUTLIER_LABEL,
     Mask2AnomalyConfig,
 )
 from .image_processing_mask2anomaly import (
@@ -49,6 +50,7 @@ __all__ = [
     "CITYSCAPES_CLASSES",
     "CITYSCAPES_REFINE_CLASS_IDS",
     "Mask2AnomalyConfig",
+    "OUTLIER_LABEL",
     "Mask2AnomalyForUniversalSegmentation",
     "Mask2AnomalyImageProcessor",
     "Mask2AnomalyModel",

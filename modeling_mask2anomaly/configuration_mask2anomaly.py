@@ -35,6 +35,10 @@ CITYSCAPES_CLASSES: tuple[str, ...] = (
 # road (0) and sidewalk (1) are excluded because anomalies lie on them.
 CITYSCAPES_REFINE_CLASS_IDS: tuple[int, ...] = tuple(range(2, 11))
 
+# The value of pasted outlier pixels in training label maps (the official mapper's 254): the one definition that
+# the config, the image processor, the training transforms and SynthRoad all use.
+OUTLIER_LABEL = 254
+
 CONTRASTIVE_LOSS_FORMS = ("margin", "bce", "none")
 ANOMALY_SCORERS = ("mask2anomaly", "rba", "eam", "msp", "max_logit", "energy")
 
@@ -101,7 +105,7 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
     contrastive_loss: str = "margin"
     contrastive_margin: float = 1.0
     contrastive_weight: float = 1.0
-    outlier_label: int = 254
+    outlier_label: int = OUTLIER_LABEL
     refine: bool = True
     refine_score_threshold: float = 0.95
     refine_class_ids: list[int] | tuple[int, ...] = CITYSCAPES_REFINE_CLASS_IDS

@@ -316,6 +316,31 @@ def evaluate(
     }
 
 
+def evaluate_splits(
+    model: torch.nn.Module,
+    processor: Mask2AnomalyImageProcessor,
+    splits: Mapping[str, Sequence[Any]],
+    **options: Any,
+) -> dict[str, float]:
+    """Pixel metrics of several labelled splits as one flat dict, ``{split}_auprc``, ``{split}_fpr95`` and
+    ``{split}_auroc`` (fractions; NaN where undefined), for training-time validation.
+
+    ``options`` are those of :func:`evaluate` (``mode``, ``scorer``, ``refine``, ``flip_tta``, ``batch_size``,
+    ``accelerator``, ``limit``, ...). A validation image that cannot be evaluated raises ``ValueError`` naming it
+    (on every process alike), since a validation split is expected to be clean.
+    """
+    values: dict[str, float] = {}
+    for name, samples in splits.items():
+        result = evaluate(model, processor, samples, **options)
+        if result["failures"]:
+            raise ValueError(f"validation split {name!r}: {len(result['failures'])} image(s) could not be evaluated; "
+                             f"first: {result['failures'][0]['error']}")
+        for key, _ in PIXEL_METRICS:
+            value = result["metrics"][key]
+            values[f"{name}_{key}"] = float("nan") if value is None else value
+    return values
+
+
 def _jsonable(value: Any) -> Any:
     """Numpy scalars/arrays to Python values and NaN/inf to None, so the result is strict JSON."""
     if isinstance(value, Mapping):

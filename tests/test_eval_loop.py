@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from mask2anomaly_eval.datasets import get_benchmark
 from mask2anomaly_eval.io import read_label_png
-from mask2anomaly_eval.loop import evaluate
+from mask2anomaly_eval.loop import evaluate, evaluate_splits
 from mask2anomaly_eval.metrics import ComponentMetricAccumulator
 from mask2anomaly_eval.run import build_parser
 from mask2anomaly_training.synthroad import main as synthroad_main
@@ -178,3 +178,15 @@ def test_read_label_png(tmp_path):
         read_label_png(tmp_path / "broken.png")
     with pytest.raises(ValueError, match=r"cannot read label image .*missing\.png"):
         read_label_png(tmp_path / "missing.png")
+
+
+def test_evaluate_splits_keys_and_a_bad_validation_image(benchmark_setup):
+    data, model, processor = benchmark_setup
+    benchmark = get_benchmark("synthroad", data)
+    values = evaluate_splits(model, processor, {"road": benchmark}, refine=False, flip_tta=False, progress=False)
+    single = evaluate(model, processor, benchmark, refine=False, flip_tta=False, progress=False)["metrics"]
+    assert values == {f"road_{key}": single[key] for key in ("auprc", "fpr95", "auroc")}
+    rows = [benchmark[0],
+            {"name": "bad.png", "image": np.zeros((64, 128, 3), np.uint8), "label": np.zeros((32, 128), np.uint8)}]
+    with pytest.raises(ValueError, match=r"validation split 'road'.*bad\.png: label is 32x128 but the image is 64x128"):
+        evaluate_splits(model, processor, {"road": rows}, progress=False)

@@ -45,8 +45,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import speed_metrics
 from transformers.utils import logging
 
-from mask2anomaly_eval.loop import PIXEL_METRICS
-from mask2anomaly_eval.loop import evaluate as evaluate_anomaly_split
+from mask2anomaly_eval.loop import evaluate_splits
 
 from .collate import LABEL_NAMES, TrainingCollator
 from .train import (
@@ -116,17 +115,14 @@ class Mask2AnomalyTrainer(Trainer):
                 metrics.update(self.evaluate(split, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
         start = time.time()
-        result = evaluate_anomaly_split(
-            self.model, self.processing_class, eval_dataset, mode="exact", scorer=self.eval_scorer,
-            refine=self.eval_refine, flip_tta=self.eval_flip_tta, batch_size=self.args.per_device_eval_batch_size,
-            accelerator=self.accelerator, limit=self.eval_max_images, progress=not self.args.disable_tqdm,
+        # `{prefix}` is the split's name for `evaluate_splits`: keys come back as `{prefix}_auprc` etc.
+        metrics = evaluate_splits(
+            self.model, self.processing_class, {metric_key_prefix: eval_dataset}, mode="exact",
+            scorer=self.eval_scorer, refine=self.eval_refine, flip_tta=self.eval_flip_tta,
+            batch_size=self.args.per_device_eval_batch_size, accelerator=self.accelerator,
+            limit=self.eval_max_images, progress=not self.args.disable_tqdm,
         )
-        if result["failures"]:
-            raise ValueError(f"{metric_key_prefix}: {len(result['failures'])} validation image(s) could not be "
-                             f"evaluated; first: {result['failures'][0]['error']}")
-        metrics = {f"{metric_key_prefix}_{key}": float("nan") if result["metrics"][key] is None
-                   else result["metrics"][key] for key, _ in PIXEL_METRICS}
-        metrics.update(speed_metrics(metric_key_prefix, start, num_samples=result["num_images"]))
+        metrics.update(speed_metrics(metric_key_prefix, start))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -58,15 +58,16 @@ def naive_anomaly_map(model, processor, image: np.ndarray) -> np.ndarray:
     padded size, cropped to the resized image, bilinearly resized to the original size, then sigmoid (the order of
     Mask2Former's ``sem_seg_postprocess`` + ``semantic_inference``)."""
     inputs = processor(images=[image], return_tensors="pt")
+    device = next(model.parameters()).device  # the Trainer puts the model on its accelerator, if any
     with torch.no_grad():
-        outputs = model(pixel_values=inputs["pixel_values"])
+        outputs = model(pixel_values=inputs["pixel_values"].to(device))
     h, w = image.shape[:2]
     scale = SHORTEST_EDGE / min(h, w)
     resized = (round(h * scale), round(w * scale))
-    masks = F.interpolate(outputs.masks_queries_logits, scale_factor=4, mode="bilinear", align_corners=False)
+    masks = F.interpolate(outputs.masks_queries_logits.cpu(), scale_factor=4, mode="bilinear", align_corners=False)
     masks = masks[..., : resized[0], : resized[1]]
     masks = F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
-    probs = outputs.class_queries_logits.softmax(-1)[..., :-1]
+    probs = outputs.class_queries_logits.cpu().softmax(-1)[..., :-1]
     return (1 - torch.einsum("bqc,bqhw->bchw", probs, masks.sigmoid()).max(1).values[0]).numpy()
 
 

@@ -3,14 +3,15 @@
 Every pixel whose label is not void (255) takes part; label 1 is the positive (anomaly) class, 0 the negative.
 The metrics are AuPRC (average precision), FPR at 95% TPR and AUROC, plus the best pixel F1 and its threshold
 (the threshold the component metrics use). Images are added one at a time and accumulators merge across
-processes, so the evaluation never holds the pooled pixel array. Three modes:
+processes, so the evaluation never holds the pooled pixel array. :class:`PixelMetricAccumulator` is the one
+public class; each mode's state lives in its own module. Three modes:
 
-* ``"exact"`` — equal to scikit-learn (``average_precision_score``, ``roc_auc_score``) and to the Fishyscapes
+* ``"exact"`` (``exact.py``) — equal to scikit-learn (``average_precision_score``, ``roc_auc_score``) and to the Fishyscapes
   FPR95 convention (the first ROC operating point with TPR >= 0.95 on the curve with one point per distinct score)
   up to float rounding. The state keeps, per class, the sorted distinct scores with their pixel counts: ties are
   collapsed, so memory grows with the number of distinct score values (bounded by the float32 values that occur),
   not with the number of pixels.
-* ``"smiyc"`` — the SegmentMeIfYouCan benchmark's ``PixBinaryClass`` (768 dynamic per-frame bins,
+* ``"smiyc"`` (``smiyc.py``) — the SegmentMeIfYouCan benchmark's ``PixBinaryClass`` (768 dynamic per-frame bins,
   ``bin_strategy='percentiles'``), reproducing its conventions and quirks, see :class:`_SmiycDynamicState`.
 * ``"smiyc_uniform"`` — the benchmark's ``PixBinaryClass-uniThr`` variant (4096 uniform bins on [-0.01, 1.01]).
 """

@@ -21,13 +21,12 @@ What the Trainer needs for Mask2Former-style models, and how it is set here:
 - **`label_names=["mask_labels", "class_labels", "outlier_labels"]`**: the model's label arguments.
 - **Evaluation**: `Mask2AnomalyTrainer.evaluate` runs the project's one evaluation loop
   (`mask2anomaly_eval.loop.evaluate`) on every split of `data.validation` with the Trainer's accelerator: maps at
-  the ORIGINAL image size (as the runner and `mask2anomaly_training.train` score them, not at the processed, resized and padded,
-  size),
-  streamed into pixel-metric accumulators that are merged across processes, and reported as
-  ``eval_<split>_auprc``, ``eval_<split>_fpr95`` and ``eval_<split>_auroc`` through the Trainer's log and
-  callbacks. The anomaly splits therefore never go through `Trainer.evaluation_loop` or the collator;
-  `eval_do_concat_batches=False` stays so that a plain (non-anomaly) evaluation set handed to `evaluate` does not
-  concatenate its predictions.
+  the ORIGINAL image size (as the runner and `mask2anomaly_training.train` score them; not at the processed,
+  i.e. resized and padded, size), streamed into pixel-metric accumulators that are merged across processes, and
+  reported as ``eval_<split>_auprc``, ``eval_<split>_fpr95`` and ``eval_<split>_auroc`` through the Trainer's log
+  and callbacks (`evaluate_splits`). The anomaly splits therefore never go through `Trainer.evaluation_loop` or the
+  collator; `eval_do_concat_batches=False` stays so that `Trainer.predict` (which still uses `evaluation_loop`)
+  would not concatenate its predictions.
 - The optimiser and schedule are those of the accelerate script (AdamW with the backbone multiplier and
   detectron2's weight-decay groups, poly schedule), passed as `optimizers=`; gradients are clipped by the
   Trainer at `max_grad_norm`; a frozen backbone stays in eval mode (its BatchNorm statistics frozen) although

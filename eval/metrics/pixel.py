@@ -6,9 +6,9 @@ The metrics are AuPRC (average precision), FPR at 95% TPR and AUROC, plus the be
 processes, so the evaluation never holds the pooled pixel array. :class:`PixelMetricAccumulator` is the one
 public class; each mode's state lives in its own module. Three modes:
 
-* ``"exact"`` (``exact.py``) — equal to scikit-learn (``average_precision_score``, ``roc_auc_score``) and to the Fishyscapes
-  FPR95 convention (the first ROC operating point with TPR >= 0.95 on the curve with one point per distinct score)
-  up to float rounding. The state keeps, per class, the sorted distinct scores with their pixel counts: ties are
+* ``"exact"`` (``exact.py``) — equal to scikit-learn (``average_precision_score``, ``roc_auc_score``) and to the
+  Fishyscapes FPR95 convention (the first ROC operating point with TPR >= 0.95 on the curve with one point per
+  distinct score) up to float rounding. The state keeps, per class, the sorted distinct scores with their pixel counts: ties are
   collapsed, so memory grows with the number of distinct score values (bounded by the float32 values that occur),
   not with the number of pixels.
 * ``"smiyc"`` (``smiyc.py``) — the SegmentMeIfYouCan benchmark's ``PixBinaryClass`` (768 dynamic per-frame bins,

@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers.utils import logging
 
+from mask2anomaly_eval.io import read_label_png
+
 from .synthroad import synthroad_dataset
 
 logger = logging.get_logger(__name__)
@@ -138,8 +140,7 @@ def cityscapes_pairs(root: str, split: str = "train") -> list[tuple[str, str]]:
 
 def _cityscapes_generator(pairs: Sequence[tuple[str, str]]) -> Iterator[dict]:
     for image_path, label_path in pairs:
-        with Image.open(label_path) as label:
-            train_ids = cityscapes_ids_to_train_ids(np.asarray(label))
+        train_ids = cityscapes_ids_to_train_ids(read_label_png(label_path))
         yield {"image": image_path, "label": Image.fromarray(train_ids)}
 
 

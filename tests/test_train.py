@@ -39,6 +39,7 @@ from mask2anomaly_training.train import (
     parameter_groups,
     poly_schedule,
     set_train_mode,
+    stage_data,
     train,
     training_dataset,
 )
@@ -113,6 +114,24 @@ def test_overrides_and_bad_keys_name_the_valid_ones(tmp_path):
     bad.write_text("training: {seed: 0}\nstage3: {}\n")
     with pytest.raises(ValueError, match=r"bad.yaml.*'stage3'.*model, processor, data, training, stage1, stage2"):
         load_config(bad)
+
+
+def test_pasted_outliers_carry_the_processors_outlier_label():
+    # issue 11: with processor.outlier_label=200 the pasted pixels used to stay 254, so the image got a class
+    # label 254 and no outlier pixels. Every image gets an outlier here (p = 1); the expected outlier pixels
+    # are counted directly on the augmented label maps, before the processor.
+    config = tiny_config("processor.outlier_label=200", "data.outlier_probability=1.0")
+    _, processor = build_model(config)
+    assert processor.outlier_label == 200
+    dataset, _, _ = stage_data(config, 2)
+    rows = [dataset[0], dataset[1]]
+    pasted = [int((np.asarray(row["label"]) == 200).sum()) for row in rows]
+    assert all(count > 0 for count in pasted), pasted
+    assert not any((np.asarray(row["label"]) == 254).any() for row in rows)
+    batch = TrainingCollator(processor, outlier_labels=True)(rows)
+    assert [int(t.sum()) for t in batch["outlier_labels"]] == pasted
+    classes = torch.cat(batch["class_labels"]).tolist()
+    assert classes and max(classes) < 19, classes
 
 
 # ------------------------------------------------------------------------------------- optimiser and schedule

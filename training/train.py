@@ -54,7 +54,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 
-from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
+from modeling_mask2anomaly import OUTLIER_LABEL, Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
 from modeling_mask2anomaly.configuration_mask2anomaly import resnet_backbone
 from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
 
@@ -308,17 +308,25 @@ def load_source(spec: Mapping[str, Any], outliers: bool = False, where: str = "d
     return reader(**arguments)
 
 
-def stage_data(config: TrainingConfig, stage: int) -> tuple[Any, Any, dict[str, Any]]:
+def stage_data(config: TrainingConfig, stage: int, processor: Mask2AnomalyImageProcessor | None = None
+               ) -> tuple[Any, Any, dict[str, Any]]:
     """The augmented training set of `stage` (outliers pasted when the stage uses outlier exposure), its
-    `TrainTransform` (see `training_dataset`) and the validation splits."""
+    `TrainTransform` (see `training_dataset`) and the validation splits.
+
+    Pasted pixels get `processor.outlier_label`, the value the collator turns into `outlier_labels`; without a
+    processor, the one `config.processor` describes (`OUTLIER_LABEL` unless it sets `outlier_label`).
+    """
     settings = config.stage(stage)
+    outlier_label = (processor.outlier_label if processor is not None
+                     else int(config.processor.get("outlier_label", OUTLIER_LABEL)))
     road = load_source(config.data.train, where="data.train")
     outliers = None
     if settings.outlier_exposure:
         if config.data.outliers is None:
             raise ValueError(f"stage {stage} uses outlier exposure but data.outliers is not set")
         outliers = load_source(config.data.outliers, outliers=True, where="data.outliers")
-    dataset, transform = training_dataset(road, make_augmentation(config.data, outliers), config.training.seed)
+    dataset, transform = training_dataset(road, make_augmentation(config.data, outliers, outlier_label),
+                                          config.training.seed)
     return dataset, transform, validation_splits(config.data)
 
 
@@ -404,8 +412,12 @@ def micro_batches(dataset, transform: Any, collator: Any, settings: StageSetting
         epoch, start_batch = epoch + 1, 0
 
 
-def make_augmentation(data: DataSettings, outliers: Any | None):
-    """The official training chain of `transforms.py`: [outlier paste], resize, crop, [colour jitter], [flip]."""
+def make_augmentation(data: DataSettings, outliers: Any | None, outlier_label: int = OUTLIER_LABEL):
+    """The official training chain of `transforms.py`: [outlier paste], resize, crop, [colour jitter], [flip].
+
+    Pasted pixels are labelled `outlier_label`: it must be the processor's `outlier_label`, or the collator
+    sees a class label instead of outliers.
+    """
     from .transforms import build_train_augmentation
 
     if len(data.crop_size) != 2 or len(data.scale_range) != 2:
@@ -413,7 +425,7 @@ def make_augmentation(data: DataSettings, outliers: Any | None):
                          f"values each (height, width) and (low, high)")
     return build_train_augmentation(
         crop_size=tuple(data.crop_size), scale_range=tuple(data.scale_range), outlier_source=outliers,
-        outlier_probability=data.outlier_probability, color_jitter=data.color_jitter, flip=data.hflip,
+        outlier_probability=data.outlier_probability, outlier_label=outlier_label, color_jitter=data.color_jitter, flip=data.hflip,
     )
 
 
@@ -782,7 +794,7 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
         freeze_backbone(model)
 
     with accelerator.main_process_first():  # the first process builds the `datasets` caches, the others reuse them
-        dataset, transform, validation = stage_data(config, stage)
+        dataset, transform, validation = stage_data(config, stage, processor)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.learning_rate)
     scheduler = poly_schedule(optimizer, settings.max_steps, settings.poly_power)

@@ -26,7 +26,7 @@ What the Trainer needs for Mask2Former-style models, and how it is set here:
   into anomaly maps with the image processor's `post_process_anomaly_segmentation`, and `AnomalyMetrics`
   (the `compute_metrics`) reports ``eval_<split>_auprc``, ``eval_<split>_fpr95`` and ``eval_<split>_auroc``
   for every split of `data.validation`. Maps are scored at the processed resolution (SynthRoad: the
-  original one); `mask2anomaly_training.train.evaluate_anomaly` scores at the original size.
+  original one); `mask2anomaly_training.evaluation.evaluate_anomaly` scores at the original size.
 - The optimiser and schedule are those of the accelerate script (AdamW with the backbone multiplier and
   detectron2's weight-decay groups, poly schedule), passed as `optimizers=`; gradients are clipped by the
   Trainer at `max_grad_norm`; a frozen backbone stays in eval mode (its BatchNorm statistics frozen) although
@@ -46,19 +46,13 @@ from transformers.trainer_utils import EvalPrediction
 from transformers.utils import logging
 
 from .collate import LABEL_NAMES, AnomalyEvaluationCollator, TrainingCollator
-from .train import (
-    TrainingConfig,
-    build_model,
-    build_parser,
-    freeze_backbone,
-    backbone_of,
-    load_config,
-    parameter_groups,
-    poly_schedule,
-    resolve_mixed_precision,
-    resolve_tracker,
-    stage_data,
-)
+from .config import TrainingConfig, load_config
+from .loop import resolve_mixed_precision, resolve_tracker
+from .model import backbone_of, build_model, freeze_backbone
+from .optim import parameter_groups, poly_schedule
+from .sources import stage_data
+from .train import build_parser
+from .transforms import SAMPLE_INDEX_COLUMN
 
 logger = logging.get_logger(__name__)
 
@@ -72,8 +66,6 @@ class RoutingCollator:
         self.train_collator, self.eval_collator = train_collator, eval_collator
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        from .transforms import SAMPLE_INDEX_COLUMN
-
         return self.train_collator(rows) if SAMPLE_INDEX_COLUMN in rows[0] else self.eval_collator(rows)
 
 

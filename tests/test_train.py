@@ -125,6 +125,25 @@ def test_pasted_outliers_carry_the_processors_outlier_label():
     assert classes and max(classes) < 19, classes
 
 
+@pytest.mark.parametrize("name", ["cityscapes", "synthroad"])
+def test_packaged_configs_load_every_value_of_their_file(name):
+    # Every leaf of the YAML file, read with plain PyYAML, is the config's value (YAML 1.1 reads 1.0e-4 as a
+    # float but 1e-4 as a string: numeric strings of float fields are floats), mappings included as a whole.
+    raw = yaml.safe_load((REPO / "training" / "configs" / f"{name}.yaml").read_text())
+    config = load_config(name)
+
+    def check(values, node, where):
+        for key, value in values.items():
+            actual = node[key] if isinstance(node, dict) else getattr(node, key)
+            if isinstance(value, dict) and not isinstance(actual, dict):
+                check(value, actual, f"{where}{key}.")
+            else:
+                expected = float(value) if isinstance(value, str) and isinstance(actual, float) else value
+                assert actual == expected and type(actual) is type(expected), (f"{where}{key}", actual, value)
+
+    check(raw, config, "")
+
+
 def test_wrong_keys_and_values_are_one_line_errors():
     with pytest.raises(ValueError, match=r"unknown config key 'data.trian'; valid keys of data: train, outliers, "
                                          r"validation, crop_size") as caught:

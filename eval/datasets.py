@@ -17,10 +17,11 @@ import numpy as np
 from PIL import Image
 from transformers.utils import logging
 
+from modeling_mask2anomaly.image_processing_mask2anomaly import IMAGE_EXTENSIONS
+
 
 logger = logging.get_logger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 VOID = 255
 
 # Official `ObstacleTrack-validation` split (road_anomaly_benchmark/datasets/tracks.py): frames of the `validation`

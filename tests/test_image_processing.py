@@ -19,11 +19,10 @@ from PIL import Image
 from modeling_mask2anomaly.image_processing_mask2anomaly import (
     Mask2AnomalyImageProcessor,
     get_resize_output_size,
-    iter_predict_anomaly,
     load_image,
-    predict_anomaly,
     to_rgb_uint8,
 )
+from modeling_mask2anomaly.inference import iter_predict_anomaly, predict_anomaly
 
 FIXTURES = Path("/work/shared/fixtures")
 R50 = FIXTURES / "official_r50_small"

@@ -574,7 +574,7 @@ def evaluate_anomaly(model: torch.nn.Module, processor: Mask2AnomalyImageProcess
     Images are spread over the processes and the per-process metric accumulators merged, so every process
     returns the same numbers. Keys are ``{name}_auprc``, ``{name}_fpr95`` and ``{name}_auroc``.
     """
-    from modeling_mask2anomaly.image_processing_mask2anomaly import iter_predict_anomaly
+    from modeling_mask2anomaly.inference import iter_predict_anomaly
 
     from mask2anomaly_eval.pixel_metrics import PixelMetricAccumulator
 

@@ -129,9 +129,9 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
             legacy["refine_class_ids"] = [int(i) for i in legacy["refine_class_ids"]]
         if legacy:
             logger.warning_once(
-                f"Mask2AnomalyConfig: {', '.join(sorted(legacy))} are image-processor settings, not network settings; "
-                "they are dropped from the config and used only where the image processor (preprocessor_config.json) "
-                "has none. Save the processor to keep them."
+                f"Mask2AnomalyConfig: the image-processor settings {', '.join(sorted(legacy))} are not network "
+                "settings; they are dropped from the config and used only where the image processor "
+                "(preprocessor_config.json) has none. Save the processor to keep them."
             )
         self.legacy_postprocessing: dict[str, Any] = legacy
         if self.backbone_config is None:

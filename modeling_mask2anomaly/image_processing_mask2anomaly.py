@@ -856,16 +856,30 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
             `list[AnomalySemanticOutput]`: per image `anomaly_map` (height, width) float32, `semantic_map` (height,
             width) int64 and `class_confidence` (height, width) float32.
         """
-        settings = dict(scorer=scorer, refine=refine, refine_min_queries=refine_min_queries,
-                        memory_budget_mb=memory_budget_mb)
-        maps = self._dense_maps(outputs, target_sizes, image_sizes, want_anomaly=True, want_semantic=True,
-                                want_confidence=True, **settings)
+        maps = self._flip_averaged_maps(outputs, flipped_outputs, target_sizes, image_sizes, True, scorer=scorer,
+                                        refine=refine, refine_min_queries=refine_min_queries,
+                                        memory_budget_mb=memory_budget_mb)
+        return [AnomalySemanticOutput(m["anomaly_map"], m["semantic_map"], m["class_confidence"]) for m in maps]
+
+    def _flip_averaged_maps(
+        self,
+        outputs: Any,
+        flipped_outputs: Any | None,
+        target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None,
+        image_sizes: Sequence[tuple[int, int]] | torch.Tensor | None,
+        want_semantic: bool,
+        **settings: Any,
+    ) -> list[dict[str, torch.Tensor]]:
+        """`_dense_maps` of `outputs` (with the semantic map and class confidence if `want_semantic`), the anomaly
+        map averaged with that of `flipped_outputs` flipped back (official `(a + fliplr(a_flip)) / 2`)."""
+        maps = self._dense_maps(outputs, target_sizes, image_sizes, want_anomaly=True, want_semantic=want_semantic,
+                                want_confidence=want_semantic, **settings)
         if flipped_outputs is not None:
             flipped = self._dense_maps(flipped_outputs, target_sizes, image_sizes, want_anomaly=True,
                                        want_semantic=False, **settings)
             for item, other in zip(maps, flipped):
                 item["anomaly_map"] = (item["anomaly_map"] + other["anomaly_map"].flip(-1)) / 2
-        return [AnomalySemanticOutput(m["anomaly_map"], m["semantic_map"], m["class_confidence"]) for m in maps]
+        return maps
 
     def post_process_anomaly_segmentation(
         self,
@@ -903,13 +917,10 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
         Returns:
             `list[torch.Tensor]`: one float32 (height, width) anomaly map per image (higher = more anomalous).
         """
-        settings = dict(scorer=scorer, refine=refine, refine_min_queries=refine_min_queries,
-                        memory_budget_mb=memory_budget_mb, want_anomaly=True, want_semantic=False)
-        maps = [r["anomaly_map"] for r in self._dense_maps(outputs, target_sizes, image_sizes, **settings)]
-        if flipped_outputs is None:
-            return maps
-        flipped = self._dense_maps(flipped_outputs, target_sizes, image_sizes, **settings)
-        return [(a + f["anomaly_map"].flip(-1)) / 2 for a, f in zip(maps, flipped)]
+        maps = self._flip_averaged_maps(outputs, flipped_outputs, target_sizes, image_sizes, False, scorer=scorer,
+                                        refine=refine, refine_min_queries=refine_min_queries,
+                                        memory_budget_mb=memory_budget_mb)
+        return [m["anomaly_map"] for m in maps]
 
     def post_process_semantic_segmentation(
         self,

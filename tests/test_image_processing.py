@@ -195,6 +195,35 @@ def test_scorers_and_refinement_match_naive_reference(scorer, out_size):
             assert R is not None and (R >= 0.5).any() and (R < 0.5).any(), "the case must exercise refinement"
 
 
+@pytest.mark.parametrize("scorer", ["mask2anomaly", "rba", "eam", "msp", "max_logit", "energy"])
+def test_one_pass_equals_separate_anomaly_and_semantic_post_processing(scorer):
+    """post_process_anomaly_and_semantic gives bit for bit the maps of the two separate methods (and max_c S_c of
+    the class channels), with and without refinement and flipped outputs, on a memory budget that forces blocks."""
+    case, flipped_case = _random_case(seed=len(scorer)), _random_case(seed=len(scorer) + 7)
+    outputs = _outputs(*case)
+    flipped = _outputs(*flipped_case)
+    processor = Mask2AnomalyImageProcessor(refine_class_ids=[1, 2], anomaly_scorer=scorer)
+    sizes = dict(target_sizes=[(13, 21)], image_sizes=[(10, 14)], memory_budget_mb=0.002)
+    refined_somewhere = False
+    for refine in (False, True):
+        for flip in (None, flipped):
+            (one,) = processor.post_process_anomaly_and_semantic(outputs, flipped_outputs=flip, refine=refine,
+                                                                 **sizes)
+            (anomaly,) = processor.post_process_anomaly_segmentation(outputs, flipped_outputs=flip, refine=refine,
+                                                                      **sizes)
+            (semantic,) = processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True,
+                                                                       **sizes)
+            assert torch.equal(one.anomaly_map, anomaly)
+            assert torch.equal(one.semantic_map, semantic.segmentation)
+            assert torch.equal(one.class_confidence, semantic.segmentation_scores.max(dim=0).values)
+            assert one.anomaly_map.dtype == torch.float32 and one.semantic_map.dtype == torch.int64
+            if refine:
+                (plain,) = processor.post_process_anomaly_segmentation(outputs, flipped_outputs=flip, refine=False,
+                                                                        **sizes)
+                refined_somewhere |= bool((plain != anomaly).any())
+    assert refined_somewhere, "the case must exercise refinement"
+
+
 def test_semantic_map_and_class_scores_match_naive_reference():
     class_logits, mask_logits = _random_case(seed=3)
     processor = Mask2AnomalyImageProcessor()

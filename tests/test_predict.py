@@ -247,3 +247,20 @@ def test_no_resize_leaves_the_processor_alone(workspace, tmp_path, capsys, monke
     rgb = np.asarray(Image.open(ws["images"] / "rgb.png").convert("RGB"))
     np.testing.assert_allclose(np.load(tmp_path / "out" / "rgb_anomaly.npy"),
                                _manual_anomaly(ws, rgb, flip=False, refine=True, resize=False), atol=1e-5)
+
+
+def test_flags_share_the_settings_names(workspace, tmp_path, capsys):
+    """--anomaly-scorer / --anomaly-threshold, named as the processor settings, and their aliases --scorer /
+    --threshold give the same outputs."""
+    outputs = {}
+    for flags in (("--anomaly-scorer", "msp", "--anomaly-threshold", "0.25"), ("--scorer", "msp", "--threshold", "0.25")):
+        out = tmp_path / flags[0].strip("-")
+        code, stdout, stderr = _run(workspace, out, "--no-flip", *flags, capsys=capsys)
+        assert code == 0, stderr
+        assert "(score > 0.25)" in stdout
+        outputs[flags[0]] = np.load(out / "rgb_anomaly.npy")
+    np.testing.assert_array_equal(outputs["--anomaly-scorer"], outputs["--scorer"])
+    default = tmp_path / "default"
+    assert _run(workspace, default, "--no-flip", capsys=capsys)[0] == 0
+    assert not np.array_equal(np.load(default / "rgb_anomaly.npy"), outputs["--scorer"]), "msp is not the default"
+

@@ -51,7 +51,7 @@ CITYSCAPES_CLASSES: tuple[str, ...] = (
 CITYSCAPES_REFINE_CLASS_IDS: tuple[int, ...] = tuple(range(2, 11))
 
 # The value of pasted outlier pixels in training label maps (the official mapper's 254): the one definition that
-# the config, the image processor, the training transforms and SynthRoad all use.
+# the image processor (the setting's owner, `outlier_label`), the training transforms and SynthRoad all use.
 OUTLIER_LABEL = 254
 
 CONTRASTIVE_LOSS_FORMS = ("margin", "bce", "none")

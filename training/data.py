@@ -31,6 +31,7 @@ from pycocotools import mask as mask_utils
 from transformers.utils import logging
 
 from mask2anomaly_eval.io import read_label_png
+from modeling_mask2anomaly.image_processing_mask2anomaly import IMAGE_EXTENSIONS
 
 from .synthroad import synthroad_dataset
 
@@ -38,7 +39,6 @@ logger = logging.get_logger(__name__)
 
 IGNORE_LABEL = 255
 OUTLIER_MASK_COLUMN = "mask"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 # Cityscapes label id -> train id, from the Cityscapes label definitions (cityscapesScripts `labels.py`):
 # the 19 evaluated classes get train ids 0..18, every other id (unlabeled, ego vehicle, rectification border,

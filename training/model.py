@@ -21,8 +21,7 @@ from .config import ModelSettings, TrainingConfig
 STAGE2_MUTABLE_CONFIG_KEYS = (
     "contrastive_loss", "contrastive_margin", "contrastive_weight", "class_weight", "mask_weight", "dice_weight",
     "no_object_weight", "train_num_points", "oversample_ratio", "importance_sample_ratio", "use_auxiliary_loss",
-    "refine", "refine_score_threshold", "refine_class_ids", "anomaly_scorer", "flip_tta", "anomaly_threshold",
-)
+)  # post-processing settings belong to the image processor: override them as `processor.<name>=...`
 
 
 def model_config_from_settings(settings: ModelSettings) -> Mask2AnomalyConfig:

@@ -53,8 +53,8 @@ _INFERNO_STOPS: tuple[tuple[int, int, int], ...] = (
     (252, 255, 164),
 )
 
-# Scorers with a fixed range (the registry's `display_range`): their heatmaps use it so that colours mean the same
-# in every image. The others (rba, max_logit, energy) are unbounded and get the image's own range.
+# Scorers with a fixed score range; every scorer (these and the unbounded rba, max_logit, energy) has a fixed colour
+# scale, the registry's `display_range`.
 BOUNDED_SCORERS: tuple[str, ...] = tuple(name for name, scorer in SCORERS.items() if scorer.bounded)
 
 # Rows of the output picture drawn per block (bounded memory on huge images).
@@ -95,13 +95,10 @@ def anomaly_summary(anomaly_map: np.ndarray, threshold: float) -> dict[str, floa
 
 
 def default_score_range(anomaly_map: np.ndarray, scorer: str) -> tuple[float, float]:
-    """(vmin, vmax) of the colour scale: the scorer's `display_range` for the bounded scorers ([0, 1]), the map's
-    own range for the others."""
-    display = get_scorer(scorer, "scorer").display_range
-    if display is not None:
-        return float(display[0]), float(display[1])
-    low, high = float(np.min(anomaly_map)), float(np.max(anomaly_map))
-    return (low, high) if high > low else (low, low + 1.0)
+    """(vmin, vmax) of the colour scale of `scorer`'s heatmaps: its registered `display_range`, the same for every
+    image (so that a normal image does not look anomalous; `anomaly_map` is not read, values outside are drawn in
+    the end colours)."""
+    return get_scorer(scorer, "scorer").display_range
 
 
 def _scale(scores: np.ndarray, vmin: float, vmax: float) -> np.ndarray:

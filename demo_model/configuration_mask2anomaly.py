@@ -35,13 +35,19 @@ CITYSCAPES_CLASSES: tuple[str, ...] = (
 # road (0) and sidewalk (1) are excluded because anomalies lie on them.
 CITYSCAPES_REFINE_CLASS_IDS: tuple[int, ...] = tuple(range(2, 11))
 
+# The value of pasted outlier pixels in training label maps (the official mapper's 254): the one definition that
+# the config, the image processor, the training transforms and SynthRoad all use.
+OUTLIER_LABEL = 254
+
 CONTRASTIVE_LOSS_FORMS = ("margin", "bce", "none")
 ANOMALY_SCORERS = ("mask2anomaly", "rba", "eam", "msp", "max_logit", "energy")
 
 
-def _resnet50_backbone() -> ResNetConfig:
-    # detectron2's R-50 with STRIDE_IN_1X1 False: the stride sits in the 3x3 conv.
-    return ResNetConfig(
+def resnet_backbone(**overrides) -> ResNetConfig:
+    """A transformers `ResNetConfig` laid out like detectron2's ResNet in Mask2Anomaly: bottleneck blocks, the
+    stride in the 3x3 conv (`STRIDE_IN_1X1: False`) and the four stage outputs; by default ResNet-50.
+    `overrides` are `ResNetConfig` arguments."""
+    values = dict(
         embedding_size=64,
         hidden_sizes=[256, 512, 1024, 2048],
         depths=[3, 4, 6, 3],
@@ -49,6 +55,8 @@ def _resnet50_backbone() -> ResNetConfig:
         downsample_in_bottleneck=False,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
+    values.update(overrides)
+    return ResNetConfig(**values)
 
 
 @strict
@@ -97,7 +105,7 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
     contrastive_loss: str = "margin"
     contrastive_margin: float = 1.0
     contrastive_weight: float = 1.0
-    outlier_label: int = 254
+    outlier_label: int = OUTLIER_LABEL
     refine: bool = True
     refine_score_threshold: float = 0.95
     refine_class_ids: list[int] | tuple[int, ...] = CITYSCAPES_REFINE_CLASS_IDS
@@ -107,7 +115,7 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
 
     def __post_init__(self, **kwargs):
         if self.backbone_config is None:
-            self.backbone_config = _resnet50_backbone()
+            self.backbone_config = resnet_backbone()
         if self.id2label is None and kwargs.get("num_labels") is None:
             self.id2label = dict(enumerate(CITYSCAPES_CLASSES))
             self.label2id = {name: i for i, name in self.id2label.items()}
@@ -129,19 +137,12 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
     @classmethod
     def paper(cls, **kwargs) -> "Mask2AnomalyConfig":
         """The released Cityscapes configuration (ResNet-50, 100 queries, 9 decoder layers, 19 classes)."""
-        return cls(backbone_config=_resnet50_backbone(), **kwargs)
+        return cls(backbone_config=resnet_backbone(), **kwargs)
 
     @classmethod
     def tiny(cls, **kwargs) -> "Mask2AnomalyConfig":
         """A small configuration (about 0.15M parameters) for tests and CPU demos; same 19 Cityscapes classes."""
-        backbone = ResNetConfig(
-            embedding_size=16,
-            hidden_sizes=[32, 64, 96, 128],
-            depths=[1, 1, 1, 1],
-            layer_type="bottleneck",
-            downsample_in_bottleneck=False,
-            out_features=["stage1", "stage2", "stage3", "stage4"],
-        )
+        backbone = resnet_backbone(embedding_size=16, hidden_sizes=[32, 64, 96, 128], depths=[1, 1, 1, 1])
         defaults = dict(
             backbone_config=backbone,
             feature_size=32,
@@ -159,4 +160,4 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
         return cls(**defaults)
 
 
-__all__ = ["Mask2AnomalyConfig", "CITYSCAPES_CLASSES", "CITYSCAPES_REFINE_CLASS_IDS"]
+__all__ = ["Mask2AnomalyConfig", "CITYSCAPES_CLASSES", "CITYSCAPES_REFINE_CLASS_IDS", "resnet_backbone"]

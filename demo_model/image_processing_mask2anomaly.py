@@ -960,6 +960,13 @@ def batches_of_equal_size(
         yield batch
 
 
+CPU_REDUCED_PRECISION_WARNING = (
+    "the model runs in {dtype} on the CPU: torch's CPU grid_sample (used by the pixel decoder's deformable "
+    "attention) returns wrong values, even NaN, for bfloat16 inputs laid out as the decoder lays them out (seen "
+    "with torch 2.13); use float32 on the CPU, reduced precision on a GPU"
+)
+
+
 def _input_placement(model: torch.nn.Module, device: str | torch.device | None) -> tuple[torch.device, torch.dtype]:
     """Device (`device`, else the model's) and floating dtype of the model's inputs: those of its first
     floating-point parameter (cpu / float32 for a model without one)."""
@@ -967,7 +974,10 @@ def _input_placement(model: torch.nn.Module, device: str | torch.device | None) 
     dtype = torch.float32 if parameter is None else parameter.dtype
     if device is None:
         device = torch.device("cpu") if parameter is None else parameter.device
-    return torch.device(device), dtype
+    device = torch.device(device)
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        logger.warning_once(CPU_REDUCED_PRECISION_WARNING.format(dtype=dtype))
+    return device, dtype
 
 
 def iter_predict_anomaly(

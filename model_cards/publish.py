@@ -105,10 +105,14 @@ def check_model_dir(model_dir: Path) -> list[Path]:
     """Check that ``model_dir`` is a publishable Mask2Anomaly folder; return the weight files to publish."""
     if not (model_dir / "config.json").is_file():
         raise PublishError(f"{model_dir} has no config.json; expected a folder written by save_pretrained")
-    config = json.loads(_inside(model_dir, "config.json").read_text(encoding="utf-8"))
-    if config.get("model_type") != "mask2anomaly":
-        raise PublishError(f"{model_dir / 'config.json'} has model_type {config.get('model_type')!r}; expected "
-                           "'mask2anomaly'")
+    try:
+        config = json.loads(_inside(model_dir, "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PublishError(f"{model_dir / 'config.json'} is not valid JSON ({error}); expected a save_pretrained "
+                           "config") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "mask2anomaly":
+        raise PublishError(f"{model_dir / 'config.json'} has model_type {model_type!r}; expected 'mask2anomaly'")
     pickles = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise PublishError(f"{model_dir} holds pickle-based file(s) {pickles}: loading them can run arbitrary code, "

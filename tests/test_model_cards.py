@@ -225,3 +225,25 @@ def test_publish_refuses_links_out_of_the_model_folder(model_dir, tmp_path, caps
     from mask2anomaly_model_cards.publish import check_model_dir
 
     assert [p.name for p in check_model_dir(inside)] == ["model.safetensors"]
+
+
+def test_publish_names_a_bad_config_or_foreign_remote_code_in_one_line(model_dir, tmp_path, capsys):
+    cases = {
+        "not-json": "{model_type: mask2anomaly",
+        "a-list": "[1, 2]",
+        "absolute-auto-map": None,
+    }
+    for name, text in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(model_dir, folder)
+        if text is None:
+            config = json.loads((folder / "config.json").read_text())
+            config["auto_map"]["AutoModel"] = "/etc/evil.Model"
+            text = json.dumps(config)
+        (folder / "config.json").write_text(text)
+        out = tmp_path / f"hub-{name}"
+        assert publish_main([str(folder), "--repo-id", "org/tiny", "--dry-run", "--output-dir", str(out),
+                             "--widget-image", str(_widget(tmp_path))]) == 1, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "config.json" in err and "Traceback" not in err, (name, err)
+        assert not out.exists()

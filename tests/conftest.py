@@ -11,6 +11,9 @@ import pytest
 import torch
 from transformers import dynamic_module_utils
 
+from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor
+
+
 @pytest.fixture
 def single_thread() -> Iterator[None]:
     """One torch thread: the tiny models run ~8x faster than with threads fighting over a shared CPU."""
@@ -31,3 +34,14 @@ def isolated_remote_code(tmp_path, monkeypatch) -> Iterator[Path]:
     yield cache
     for name in [n for n in sys.modules if n.startswith("transformers_modules")]:
         del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A folder written by `save_pretrained` of a tiny random model (seed 0) and a small-size image processor.
+    Tests that change it restore it; copy it to change it for longer."""
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-model"
+    torch.manual_seed(0)
+    Mask2AnomalyForUniversalSegmentation(Mask2AnomalyConfig.tiny()).save_pretrained(folder)
+    Mask2AnomalyImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(folder)
+    return folder

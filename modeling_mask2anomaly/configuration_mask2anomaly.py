@@ -5,6 +5,8 @@ This file travels to the Hub as remote code: it imports only the standard librar
 
 from __future__ import annotations
 
+from typing import Literal
+
 from huggingface_hub.dataclasses import strict
 from transformers import Mask2FormerConfig, ResNetConfig
 
@@ -40,6 +42,7 @@ CITYSCAPES_REFINE_CLASS_IDS: tuple[int, ...] = tuple(range(2, 11))
 OUTLIER_LABEL = 254
 
 CONTRASTIVE_LOSS_FORMS = ("margin", "bce", "none")
+CONTRASTIVE_LOSS_ALIGNMENTS = ("official", "padded")
 ANOMALY_SCORERS = ("mask2anomaly", "rba", "eam", "msp", "max_logit", "energy")
 
 
@@ -81,6 +84,15 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
         Margin m of the `"margin"` form.
     contrastive_weight (`float`, defaults to 1.0):
         Weight of the contrastive loss in the total loss (applied to the final and every auxiliary term).
+    contrastive_loss_alignment (`str`, defaults to `"official"`):
+        Which label grid the contrastive loss compares the anomaly score with. The score lives on the mask-logit
+        grid of the *padded* batch. `"official"` (what trained the released weights): the score of the whole
+        padded grid is resized (bilinear, `align_corners=True`) onto each image's *un-padded* size, read from
+        the `pixel_mask` passed to `forward`, and compared with `outlier_labels[:, :h, :w]`; when the image
+        needed padding, the padded grid is squeezed onto the image rather than cropped, so score and labels are
+        slightly misaligned, as in the official code. `"padded"`: the score is resized onto the full padded
+        `outlier_labels` grid (geometrically aligned; padding pixels count as inliers). The two agree when no
+        image of the batch is padded.
     outlier_label (`int`, defaults to 254):
         Value marking pasted outlier pixels in segmentation maps; never turned into a class mask.
     refine (`bool`, defaults to `True`):
@@ -105,6 +117,7 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
     contrastive_loss: str = "margin"
     contrastive_margin: float = 1.0
     contrastive_weight: float = 1.0
+    contrastive_loss_alignment: Literal["official", "padded"] = "official"
     outlier_label: int = OUTLIER_LABEL
     refine: bool = True
     refine_score_threshold: float = 0.95
@@ -127,6 +140,11 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
         if self.contrastive_loss not in CONTRASTIVE_LOSS_FORMS:
             raise ValueError(
                 f"contrastive_loss={self.contrastive_loss!r} is not one of {', '.join(CONTRASTIVE_LOSS_FORMS)}"
+            )
+        if self.contrastive_loss_alignment not in CONTRASTIVE_LOSS_ALIGNMENTS:
+            raise ValueError(
+                f"contrastive_loss_alignment={self.contrastive_loss_alignment!r} is not one of "
+                f"{', '.join(CONTRASTIVE_LOSS_ALIGNMENTS)}"
             )
         if self.anomaly_scorer not in ANOMALY_SCORERS:
             raise ValueError(f"anomaly_scorer={self.anomaly_scorer!r} is not one of {', '.join(ANOMALY_SCORERS)}")

@@ -53,7 +53,8 @@ logger = logging.get_logger(__name__)
 def float32_region(device_type: str) -> contextlib.AbstractContextManager:
     """A context in which autocast is off on `device_type` (so ops run in their inputs' dtype, float32 for the
     losses); a no-op where autocast does not exist for that device type."""
-    if torch.amp.is_autocast_available(device_type):
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4; before, cpu/cuda only
+    if available(device_type) if available is not None else device_type in ("cpu", "cuda"):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 

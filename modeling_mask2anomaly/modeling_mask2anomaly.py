@@ -549,7 +549,9 @@ class Mask2AnomalyForUniversalSegmentation(Mask2AnomalyPreTrainedModel, Mask2For
         With `contrastive_loss_alignment="official"` this is the un-padded image size, read from `pixel_mask`
         `(batch, H, W)` (1 on the image, 0 on padding; the image processor's, a top-left rectangle): the
         processor pads `outlier_labels` together with the image, and the mask says where the image ends.
-        Without a `pixel_mask`, `outlier_labels` are taken as un-padded (None).
+        (`pixel_mask` already travels with every processor batch and training collator; a fill value for padding
+        in `outlier_labels` would change their 0/1 meaning for every caller, and a new input would repeat what
+        `pixel_mask` says.) Without a `pixel_mask`, `outlier_labels` are taken as un-padded (None).
         """
         if self.config.contrastive_loss_alignment == "padded" or pixel_mask is None:
             return None

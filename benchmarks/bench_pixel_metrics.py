@@ -89,7 +89,7 @@ def run_worker(side: str, num_frames: int, height: int, width: int, stream: bool
     """Body of one subprocess measurement (see the module docstring)."""
     from sklearn.metrics import auc, average_precision_score, roc_curve
 
-    from mask2anomaly_eval.pixel_metrics import PixelMetricAccumulator
+    from mask2anomaly_eval.metrics import PixelMetricAccumulator
 
     metric = None
     if side == "evaluate":

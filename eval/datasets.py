@@ -1,10 +1,14 @@
-"""Readers for the anomaly-segmentation benchmarks' local folders: (image path, label map) pairs with labels
-0 = inlier, 1 = anomaly, 255 = void, whatever the dataset's own convention.
+"""The benchmark-reader registry: for each anomaly-segmentation benchmark's local folder, (image path, label map)
+pairs with labels 0 = inlier, 1 = anomaly, 255 = void, whatever the dataset's own convention.
 
 ``get_benchmark(name, data_dir)`` returns an :class:`AnomalyBenchmark` that lists the labelled images at once (a
 missing folder or an empty dataset raises with the path and the expected layout) and reads a label map each time a
-frame is iterated. Supported names: ``smiyc_ra21``, ``smiyc_ro21``, ``fs_lostandfound``, ``fs_static``,
-``road_anomaly``, ``streethazards``, ``synthroad`` (see :data:`BENCHMARKS`).
+frame is iterated; it is a sequence of samples that the evaluation loop (`mask2anomaly_eval.loop.evaluate`) takes
+directly, from the benchmark runner as from training-time validation. Supported names: ``smiyc_ra21``,
+``smiyc_ro21``, ``fs_lostandfound``, ``fs_static``, ``road_anomaly``, ``streethazards``, ``synthroad``.
+
+Adding a benchmark = one :class:`BenchmarkReader` entry in :data:`BENCHMARKS` (its name, title, layout, pair
+finder, label convention, default track) and a test that builds a small tree in its real layout.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
-from PIL import Image
 from transformers.utils import logging
+
+from .io import read_label_png
+from .metrics import Track
+from modeling_mask2anomaly.image_processing_mask2anomaly import IMAGE_EXTENSIONS
 
 
 logger = logging.get_logger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 VOID = 255
 
 # Official `ObstacleTrack-validation` split (road_anomaly_benchmark/datasets/tracks.py): frames of the `validation`
@@ -44,14 +50,6 @@ class BenchmarkFrame(NamedTuple):
 
     image_path: Path
     labels: np.ndarray
-
-
-def read_label_png(path: Path) -> np.ndarray:
-    """A single-channel label image as an integer array (palette PNGs give their indices)."""
-    with Image.open(path) as image:
-        if image.mode not in ("L", "P", "I", "I;16", "1"):
-            raise ValueError(f"label image {path} has mode {image.mode!r}; expected a single-channel (L/P/I) PNG")
-        return np.array(image)
 
 
 def _lookup(path: Path, raw: np.ndarray, mapping: dict[int, int], default: int | None) -> np.ndarray:
@@ -111,7 +109,7 @@ class AnomalyBenchmark:
 
     name: str
     data_dir: Path
-    track: str
+    track: Track
     pairs: list[tuple[Path, Path]]
     convert: Callable[[np.ndarray, Path], np.ndarray]
     skip_without_anomaly: bool = False
@@ -139,11 +137,26 @@ class AnomalyBenchmark:
 
 
 @dataclass(frozen=True)
-class _Layout:
+class BenchmarkReader:
+    """One registry entry: how a benchmark's folder is laid out and read.
+
+    Attributes:
+        name: the key of :data:`BENCHMARKS` and the ``--benchmark`` value.
+        title: how results tables and model cards name it.
+        description: the expected folder layout and label values (quoted in every error about the folder).
+        find: ``root -> [(image path, label path)]`` in a stable order; raises ``FileNotFoundError`` for a missing
+            folder.
+        labels: the label convention, ``(raw label array, label path) -> uint8 0 / 1 / 255``.
+        track: the component-metric track it is evaluated with (size thresholds).
+        skip_without_anomaly: the benchmark leaves out frames without anomaly pixels (StreetHazards).
+    """
+
+    name: str
+    title: str
     description: str
-    track: str
     find: Callable[[Path], list[tuple[Path, Path]]]
-    convert: Callable[[np.ndarray, Path], np.ndarray]
+    labels: Callable[[np.ndarray, Path], np.ndarray]
+    track: Track = "anomaly"
     skip_without_anomaly: bool = False
 
 
@@ -205,48 +218,56 @@ def _streethazards(root: Path) -> list[tuple[Path, Path]]:
     return _paired_folders(("images",), ("labels", "annotations"))(root)
 
 
-BENCHMARKS: dict[str, _Layout] = {
-    "smiyc_ra21": _Layout(
+_SMIYC_LABELS = ("{stem}_labels_semantic.png", "{stem}.png")
+
+BENCHMARKS: dict[str, BenchmarkReader] = {reader.name: reader for reader in (
+    BenchmarkReader(
+        "smiyc_ra21", "SMIYC RoadAnomaly21 (validation)",
         "SegmentMeIfYouCan RoadAnomaly21 (validation): DIR/images/<id>.jpg (or .png/.webp) and "
         "DIR/labels_masks/<id>_labels_semantic.png (or <id>.png); 0 not anomaly, 1 anomaly, 255 void",
-        "anomaly", _paired_folders(("images",), ("labels_masks",), ("{stem}_labels_semantic.png", "{stem}.png")),
-        smiyc_labels,
+        _paired_folders(("images",), ("labels_masks",), _SMIYC_LABELS), smiyc_labels,
     ),
-    "smiyc_ro21": _Layout(
+    BenchmarkReader(
+        "smiyc_ro21", "SMIYC RoadObstacle21 (validation)",
         "SegmentMeIfYouCan RoadObstacle21 (validation): DIR/images/<id>.webp (or .jpg/.png) and "
         "DIR/labels_masks/<id>_labels_semantic.png (or <id>.png); 0 road, 1 obstacle, 255 void (off-road)",
-        "obstacle", _smiyc_ro21, smiyc_labels,
+        _smiyc_ro21, smiyc_labels, track="obstacle",
     ),
-    "fs_lostandfound": _Layout(
+    BenchmarkReader(
+        "fs_lostandfound", "Fishyscapes Lost & Found (validation)",
         "Fishyscapes Lost & Found (validation, method-repo copy): DIR/images/<id>.png (or DIR/original/) and "
         "DIR/labels_masks/<id>.png (or DIR/labels/); 0 inlier, 1 anomaly, 255 void",
-        "anomaly", _paired_folders(("images", "original"), ("labels_masks", "labels")), binary_void_labels,
+        _paired_folders(("images", "original"), ("labels_masks", "labels")), binary_void_labels,
     ),
-    "fs_static": _Layout(
+    BenchmarkReader(
+        "fs_static", "Fishyscapes Static (validation)",
         "Fishyscapes Static (validation, method-repo copy): DIR/images/<id>.jpg (or DIR/original/) and "
         "DIR/labels_masks/<id>.png (or DIR/labels/); 0 inlier, 1 anomaly, 255 void",
-        "anomaly", _paired_folders(("images", "original"), ("labels_masks", "labels")), binary_void_labels,
+        _paired_folders(("images", "original"), ("labels_masks", "labels")), binary_void_labels,
     ),
-    "road_anomaly": _Layout(
+    BenchmarkReader(
+        "road_anomaly", "Road Anomaly",
         "Road Anomaly (method-repo copy): DIR/images/<id>.jpg (or DIR/original/) and DIR/labels/<id>.png (or "
         "DIR/labels_masks/); 0 not anomaly, 1 or 2 anomaly",
-        "anomaly", _paired_folders(("images", "original"), ("labels", "labels_masks")), road_anomaly_labels,
+        _paired_folders(("images", "original"), ("labels", "labels_masks")), road_anomaly_labels,
     ),
-    "streethazards": _Layout(
+    BenchmarkReader(
+        "streethazards", "StreetHazards (test)",
         "StreetHazards (test split): DIR/images/test/t5/<id>.png and DIR/annotations/test/t5/<id>.png (DIR = the "
         "extracted 'test' folder); 14 anomaly, 1 and 4 ignored, other classes inlier; images without anomaly are "
         "skipped",
-        "anomaly", _streethazards, streethazards_labels, skip_without_anomaly=True,
+        _streethazards, streethazards_labels, skip_without_anomaly=True,
     ),
-    "synthroad": _Layout(
+    BenchmarkReader(
+        "synthroad", "SynthRoad",
         "SynthRoad (this project's synthetic set): DIR/images/<stem>.png and DIR/labels/<stem>.png; 0 inlier, "
         "1 anomaly, 255 void",
-        "anomaly", _paired_folders(("images",), ("labels",)), binary_void_labels,
+        _paired_folders(("images",), ("labels",)), binary_void_labels,
     ),
-}
+)}
 
 
-def get_benchmark(name: str, data_dir: str | Path, track: str | None = None) -> AnomalyBenchmark:
+def get_benchmark(name: str, data_dir: str | Path, track: Track | None = None) -> AnomalyBenchmark:
     """The labelled images of benchmark ``name`` in ``data_dir`` (layouts in :data:`BENCHMARKS`).
 
     ``track`` overrides the benchmark's component-metric track (e.g. ``"obstacle"`` for SynthRoad's obstacle split).
@@ -270,6 +291,6 @@ def get_benchmark(name: str, data_dir: str | Path, track: str | None = None) -> 
         data_dir=root,
         track=track or layout.track,
         pairs=pairs,
-        convert=layout.convert,
+        convert=layout.labels,
         skip_without_anomaly=layout.skip_without_anomaly,
     )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mask2anomaly_eval.datasets import BENCHMARKS, BenchmarkFrame, get_benchmark
+from mask2anomaly_eval.datasets import BENCHMARKS, BenchmarkFrame, BenchmarkReader, get_benchmark
 
 
 def write_image(path: Path, shape=(6, 8)) -> None:
@@ -128,3 +128,34 @@ def test_every_benchmark_documents_its_layout():
     assert set(BENCHMARKS) == {"smiyc_ra21", "smiyc_ro21", "fs_lostandfound", "fs_static", "road_anomaly",
                                "streethazards", "synthroad"}
     assert all("DIR/" in layout.description for layout in BENCHMARKS.values())
+
+
+def test_registry_entries_name_their_track_title_and_convention():
+    assert all(name == reader.name and reader.title for name, reader in BENCHMARKS.items())
+    assert {name: reader.track for name, reader in BENCHMARKS.items() if reader.track != "anomaly"} == {
+        "smiyc_ro21": "obstacle"}
+    assert [name for name, reader in BENCHMARKS.items() if reader.skip_without_anomaly] == ["streethazards"]
+    # the label conventions, on raw values each benchmark can hold
+    def convert(name: str, raw: list[int]) -> list[int]:
+        return BENCHMARKS[name].labels(np.array([raw], np.uint8), Path("x.png"))[0].tolist()
+
+    assert convert("smiyc_ra21", [0, 1, 2, 14, 255]) == [0, 1, 255, 255, 255]
+    assert convert("road_anomaly", [0, 1, 2, 255]) == [0, 1, 1, 255]
+    assert convert("streethazards", [0, 1, 2, 4, 13, 14]) == [0, 255, 0, 255, 0, 1]
+    for name in ("fs_lostandfound", "fs_static", "synthroad"):
+        assert convert(name, [0, 1, 255]) == [0, 1, 255]
+
+
+def test_adding_a_benchmark_is_one_registry_entry(tmp_path, monkeypatch):
+    def find(root: Path) -> list[tuple[Path, Path]]:
+        return [(image, root / "gt" / f"{image.stem}_gt.png") for image in sorted((root / "rgb").glob("*.png"))]
+
+    def labels(raw: np.ndarray, path: Path) -> np.ndarray:
+        return np.where(raw == 9, 1, 0).astype(np.uint8)
+
+    monkeypatch.setitem(BENCHMARKS, "toy", BenchmarkReader("toy", "Toy", "DIR/rgb/<id>.png, DIR/gt/<id>_gt.png; 9 "
+                                                           "anomaly", find, labels, track="obstacle"))
+    write_image(tmp_path / "rgb" / "a.png")
+    write_label(tmp_path / "gt" / "a_gt.png", np.array([[9, 3]]))
+    benchmark = get_benchmark("toy", tmp_path)
+    assert benchmark.track == "obstacle" and frames_by_stem(benchmark)["a"].tolist() == [[1, 0]]

@@ -17,7 +17,8 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from mask2anomaly_eval.metrics import ComponentMetricAccumulator
-from mask2anomaly_eval.run import evaluate_model, main
+from mask2anomaly_eval.loop import evaluate
+from mask2anomaly_eval.run import main
 from mask2anomaly_training.synthroad import main as synthroad_main
 from modeling_mask2anomaly import (
     Mask2AnomalyConfig,
@@ -155,11 +156,11 @@ def test_evaluate_model_api_on_in_memory_items(setup):
     """The Python API on dataset-like rows (what training's periodic validation passes): same numbers."""
     _, _, model, processor, images, labels = setup
     rows = [{"image": Image.open(p), "label": Image.fromarray(label)} for p, label in zip(images, labels)]
-    result = evaluate_model(model, processor, rows, flip_tta=False, batch_size=2, limit=2, progress=False)
+    result = evaluate(model, processor, rows, flip_tta=False, batch_size=2, limit=2, progress=False)
     # same batches as the runner's, so the maps are bit-identical (CPU kernels differ slightly between batch sizes)
     reference = _reference(model, processor, images[:2], labels[:2], flip_tta=False, batch_size=2)
     assert result["num_images"] == 2 and result["options"]["limit"] == 2
     for key in ("auprc", "auroc", "fpr95"):
         assert result["metrics"][key] == pytest.approx(reference[key], abs=1e-9), key
     with pytest.raises(ValueError, match="mode='bins'"):
-        evaluate_model(model, processor, rows, mode="bins")
+        evaluate(model, processor, rows, mode="bins")

@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mask2anomaly_eval.component_metrics import ComponentMetricAccumulator, frame_component_stats
-from mask2anomaly_eval.metrics import compute_metrics, evaluate_two_pass, merge_accumulators
+from mask2anomaly_eval.metrics import (
+    ComponentMetricAccumulator,
+    compute_metrics,
+    evaluate_two_pass,
+    frame_component_stats,
+    merge_accumulators,
+)
 
 from test_metrics_pixel import CASES, FIXTURES, load_case
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from mask2anomaly_eval import pixel_metrics
-from mask2anomaly_eval.pixel_metrics import PixelMetricAccumulator, float32_to_keys, keys_to_float32
+from mask2anomaly_eval.metrics import PixelMetricAccumulator
+from mask2anomaly_eval.metrics import exact as exact_mode
+from mask2anomaly_eval.metrics.exact import float32_to_keys, keys_to_float32
 
 
 FIXTURES = Path("/work/shared/fixtures/metrics_smiyc")
@@ -216,7 +217,7 @@ def test_constant_scores_equal_sklearn():
 @pytest.mark.parametrize("generic", [False, True])
 def test_sweep_in_small_chunks_equals_sklearn(monkeypatch, generic):
     """Chunk boundaries (forced every few distinct scores, also inside a tie of both classes) change nothing."""
-    monkeypatch.setattr(pixel_metrics, "_SWEEP_CHUNK", 3)
+    monkeypatch.setattr(exact_mode, "_SWEEP_CHUNK", 3)
     scores, labels = random_frames("ties", 5)
     if generic:
         scores = [s.astype(np.float64) for s in scores]
@@ -227,7 +228,7 @@ def test_sweep_in_small_chunks_equals_sklearn(monkeypatch, generic):
 def test_merge_in_small_chunks_equals_sklearn(monkeypatch, chunk):
     """The in-place duplicate removal of run merges, with chunk boundaries forced everywhere (also between the two
     entries of a (score, class) pair that both runs hold), changes nothing."""
-    monkeypatch.setattr(pixel_metrics, "_MERGE_CHUNK", chunk)
+    monkeypatch.setattr(exact_mode, "_MERGE_CHUNK", chunk)
     scores, labels = random_frames("ties", 12, num=9)
     assert_matches_sklearn(accumulate("exact", scores, labels), sklearn_reference(scores, labels))
 
@@ -245,13 +246,13 @@ def test_merge_packed_equals_a_naive_count_merge(monkeypatch):
         return packed, {(int(k), int(c)): int(n) for k, c, n in zip(keys, classes, counts)}
 
     for chunk in (1, 2, 3, 4, 7, 1 << 20):
-        monkeypatch.setattr(pixel_metrics, "_MERGE_CHUNK", chunk)
+        monkeypatch.setattr(exact_mode, "_MERGE_CHUNK", chunk)
         for _ in range(20):
             (a, counts_a), (b, counts_b) = run(int(rng.integers(0, 30))), run(int(rng.integers(0, 30)))
             expected = dict(counts_a)
             for key, count in counts_b.items():
                 expected[key] = expected.get(key, 0) + count
-            merged = pixel_metrics._merge_packed(a.copy(), b.copy())
+            merged = exact_mode._merge_packed(a.copy(), b.copy())
             assert np.all(merged[1:] > merged[:-1])
             got = {(int(e >> shift), int((e & class_bit) != 0)): int(e & np.uint64((1 << 31) - 1)) for e in merged}
             assert got == expected
@@ -259,7 +260,7 @@ def test_merge_packed_equals_a_naive_count_merge(monkeypatch):
 
 def test_switch_to_generic_state_mid_stream(monkeypatch):
     """Past the packed count limit (or with float64 scores) the state converts itself and stays exact."""
-    monkeypatch.setattr(pixel_metrics, "_PACKED_COUNT_LIMIT", 500)
+    monkeypatch.setattr(exact_mode, "_PACKED_COUNT_LIMIT", 500)
     scores, labels = random_frames("ties", 7, num=8)
     accumulator = PixelMetricAccumulator("exact")
     for s, l in zip(scores, labels):
@@ -271,8 +272,8 @@ def test_switch_to_generic_state_mid_stream(monkeypatch):
 def test_small_images_after_a_large_one_equal_sklearn(monkeypatch):
     """Small images are absorbed into the large first run in place (hits) and pushed as new runs (misses)."""
     calls = []
-    absorb = pixel_metrics._absorb_packed
-    monkeypatch.setattr(pixel_metrics, "_absorb_packed", lambda base, run: calls.append(1) or absorb(base, run))
+    absorb = exact_mode._absorb_packed
+    monkeypatch.setattr(exact_mode, "_absorb_packed", lambda base, run: calls.append(1) or absorb(base, run))
     rng = np.random.default_rng(8)
     labels = [(rng.random((120, 160)) < 0.1).astype(np.uint8)] + [
         (rng.random((12, 16)) < 0.3).astype(np.uint8) for _ in range(12)

@@ -19,14 +19,14 @@ What the Trainer needs for Mask2Former-style models, and how it is set here:
 - **`remove_unused_columns=False`**: the augmentation runs as a `datasets` transform and needs the raw
   ``image``/``label``/``sample_index`` columns, which are not arguments of the model.
 - **`label_names=["mask_labels", "class_labels", "outlier_labels"]`**: the model's label arguments.
-- **`eval_do_concat_batches=False`** and **`batch_eval_metrics=True`**: anomaly maps are scored batch by batch
-  into a streaming accumulator (`mask2anomaly_eval.pixel_metrics.PixelMetricAccumulator`) instead of being
-  concatenated, so evaluation memory does not grow with the split.
-- **Evaluation hook**: `Mask2AnomalyTrainer.prediction_step` turns the model outputs of an anomaly test batch
-  into anomaly maps with the image processor's `post_process_anomaly_segmentation`, and `AnomalyMetrics`
-  (the `compute_metrics`) reports ``eval_<split>_auprc``, ``eval_<split>_fpr95`` and ``eval_<split>_auroc``
-  for every split of `data.validation`. Maps are scored at the processed resolution (SynthRoad: the
-  original one); `mask2anomaly_training.train.evaluate_anomaly` scores at the original size.
+- **Evaluation**: `Mask2AnomalyTrainer.evaluate` runs the project's one evaluation loop
+  (`mask2anomaly_eval.loop.evaluate`) on every split of `data.validation` with the Trainer's accelerator: maps at
+  the ORIGINAL image size (as the runner and `mask2anomaly_training.train` score them; not at the processed,
+  i.e. resized and padded, size), streamed into pixel-metric accumulators that are merged across processes, and
+  reported as ``eval_<split>_auprc``, ``eval_<split>_fpr95`` and ``eval_<split>_auroc`` through the Trainer's log
+  and callbacks (`evaluate_splits`). The anomaly splits therefore never go through `Trainer.evaluation_loop` or the
+  collator; `eval_do_concat_batches=False` stays so that `Trainer.predict` (which still uses `evaluation_loop`)
+  would not concatenate its predictions.
 - The optimiser and schedule are those of the accelerate script (AdamW with the backbone multiplier and
   detectron2's weight-decay groups, poly schedule), passed as `optimizers=`; gradients are clipped by the
   Trainer at `max_grad_norm`; a frozen backbone stays in eval mode (its BatchNorm statistics frozen) although
@@ -36,69 +36,26 @@ What the Trainer needs for Mask2Former-style models, and how it is set here:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import EvalPrediction
+from transformers.trainer_utils import speed_metrics
 from transformers.utils import logging
 
-from .collate import LABEL_NAMES, AnomalyEvaluationCollator, TrainingCollator
-from .train import (
-    TrainingConfig,
-    build_model,
-    build_parser,
-    freeze_backbone,
-    backbone_of,
-    load_config,
-    parameter_groups,
-    poly_schedule,
-    resolve_mixed_precision,
-    resolve_tracker,
-    stage_data,
-)
+from mask2anomaly_eval.loop import evaluate_splits
+
+from .collate import LABEL_NAMES, TrainingCollator
+from .config import TrainingConfig, load_config
+from .loop import resolve_mixed_precision, resolve_tracker
+from .model import backbone_of, build_model, freeze_backbone
+from .optim import parameter_groups, poly_schedule
+from .sources import stage_data
+from .train import build_parser
 
 logger = logging.get_logger(__name__)
-
-
-class RoutingCollator:
-    """One `data_collator` for both kinds of batches the Trainer builds: augmented training rows (they carry the
-    `sample_index` column of `transforms.TrainTransform`) go to `TrainingCollator`, anomaly test rows (image +
-    0/1/255 label) to `AnomalyEvaluationCollator`."""
-
-    def __init__(self, train_collator: TrainingCollator, eval_collator: AnomalyEvaluationCollator):
-        self.train_collator, self.eval_collator = train_collator, eval_collator
-
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        from .transforms import SAMPLE_INDEX_COLUMN
-
-        return self.train_collator(rows) if SAMPLE_INDEX_COLUMN in rows[0] else self.eval_collator(rows)
-
-
-class AnomalyMetrics:
-    """`compute_metrics` for `batch_eval_metrics=True`: accumulates (anomaly map, label) pairs batch by batch
-    and returns ``auprc``, ``fpr95`` and ``auroc`` (fractions, void 255 ignored) on the last batch."""
-
-    def __init__(self) -> None:
-        from mask2anomaly_eval.pixel_metrics import PixelMetricAccumulator
-
-        self._new = lambda: PixelMetricAccumulator("exact")
-        self.accumulator = self._new()
-
-    def __call__(self, prediction: EvalPrediction, compute_result: bool = True) -> dict[str, float]:
-        maps = prediction.predictions
-        labels = prediction.label_ids
-        maps = maps.detach().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
-        labels = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-        for anomaly_map, label in zip(maps, labels):
-            self.accumulator.add(anomaly_map, label)
-        if not compute_result:
-            return {}
-        scores = self.accumulator.compute()
-        self.accumulator = self._new()
-        return {key: float(scores[key]) for key in ("auprc", "fpr95", "auroc")}
 
 
 class AugmentationEpochCallback(TrainerCallback):
@@ -117,14 +74,18 @@ class Mask2AnomalyTrainer(Trainer):
 
     Args (besides `Trainer`'s):
         frozen_backbone: keep the backbone in eval mode during training (stage 2).
-        eval_scorer, eval_refine: anomaly scorer and refinement for evaluation (default: the processor's).
+        eval_scorer, eval_refine, eval_flip_tta: anomaly scorer, refinement and flip TTA for evaluation (None: the
+            processor's).
+        eval_max_images: evaluate only the first N images of each split.
     """
 
     def __init__(self, *args, frozen_backbone: bool = False, eval_scorer: str | None = None,
-                 eval_refine: bool | None = None, **kwargs):
+                 eval_refine: bool | None = None, eval_flip_tta: bool | None = False,
+                 eval_max_images: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.frozen_backbone = frozen_backbone
-        self.eval_scorer, self.eval_refine = eval_scorer, eval_refine
+        self.eval_scorer, self.eval_refine, self.eval_flip_tta = eval_scorer, eval_refine, eval_flip_tta
+        self.eval_max_images = eval_max_images
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `training_step` has just called model.train(); a frozen backbone must keep its BatchNorm statistics.
@@ -132,18 +93,32 @@ class Mask2AnomalyTrainer(Trainer):
             backbone_of(model).eval()
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Anomaly test batches (with `anomaly_labels`) -> `(None, anomaly maps (B, Hp, Wp), anomaly_labels)`;
-        anything else goes to `Trainer.prediction_step`."""
-        if "anomaly_labels" not in inputs:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
-        maps = self.processing_class.post_process_anomaly_segmentation(
-            outputs, scorer=self.eval_scorer, refine=self.eval_refine
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """AuPRC, FPR95 and AUROC of an anomaly split (images with 0/1/255 labels) at the original image size,
+        ``{metric_key_prefix}_auprc`` etc.; a mapping of splits is evaluated split by split, as in `Trainer`
+        (``eval_<split>_auprc``). Logged and passed to the callbacks' ``on_evaluate``."""
+        if eval_dataset is None or isinstance(eval_dataset, str):
+            # `Trainer.evaluate` recurses over a dict of splits by name when no dataset was passed
+            datasets = self.eval_dataset
+            eval_dataset = datasets[eval_dataset] if isinstance(eval_dataset, str) else datasets
+        if isinstance(eval_dataset, Mapping):
+            metrics: dict[str, float] = {}
+            for name, split in eval_dataset.items():
+                metrics.update(self.evaluate(split, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        start = time.time()
+        # `{prefix}` is the split's name for `evaluate_splits`: keys come back as `{prefix}_auprc` etc.
+        metrics = evaluate_splits(
+            self.model, self.processing_class, {metric_key_prefix: eval_dataset}, mode="exact",
+            scorer=self.eval_scorer, refine=self.eval_refine, flip_tta=self.eval_flip_tta,
+            batch_size=self.args.per_device_eval_batch_size, accelerator=self.accelerator,
+            limit=self.eval_max_images, progress=not self.args.disable_tqdm,
         )
-        return None, torch.stack(maps), inputs["anomaly_labels"]
+        metrics.update(speed_metrics(metric_key_prefix, start))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
 
 def build_trainer(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
@@ -168,7 +143,7 @@ def build_trainer(config: TrainingConfig, output_dir: str | os.PathLike, stage: 
     model, processor = build_model(config, init_from)
     if settings.freeze_backbone:
         freeze_backbone(model)
-    train_dataset, transform, validation = stage_data(config, stage)
+    train_dataset, transform, validation = stage_data(config, stage, processor)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.learning_rate)
     scheduler = poly_schedule(optimizer, max_steps, settings.poly_power)
@@ -186,7 +161,6 @@ def build_trainer(config: TrainingConfig, output_dir: str | os.PathLike, stage: 
         remove_unused_columns=False,
         label_names=list(LABEL_NAMES),
         eval_do_concat_batches=False,
-        batch_eval_metrics=True,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=run.eval_steps if evaluate else None,
         save_strategy="steps" if run.checkpoint_steps else "no",
@@ -204,17 +178,17 @@ def build_trainer(config: TrainingConfig, output_dir: str | os.PathLike, stage: 
     return Mask2AnomalyTrainer(
         model=model,
         args=TrainingArguments(**arguments),
-        data_collator=RoutingCollator(TrainingCollator(processor, outlier_labels=settings.outlier_exposure),
-                                      AnomalyEvaluationCollator(processor)),
+        data_collator=TrainingCollator(processor, outlier_labels=settings.outlier_exposure),
         train_dataset=train_dataset,
         eval_dataset=validation or None,
         processing_class=processor,
-        compute_metrics=AnomalyMetrics() if validation else None,
         optimizers=(optimizer, scheduler),
         callbacks=[AugmentationEpochCallback(transform)],
         frozen_backbone=settings.freeze_backbone,
         eval_scorer=run.eval_scorer,
         eval_refine=run.eval_refine,
+        eval_flip_tta=run.eval_flip_tta,
+        eval_max_images=run.eval_max_images,
     )
 
 

@@ -18,10 +18,10 @@ from mask2anomaly_eval.metrics import (
     TRACK_SIZE_THRESHOLDS,
     ComponentMetricAccumulator,
     PixelMetricAccumulator,
+    check_frame,
     evaluate_two_pass,
     merge_accumulators,
 )
-from mask2anomaly_eval.pixel_metrics import check_frame
 
 
 _CITATION = """\

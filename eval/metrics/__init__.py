@@ -1,9 +1,12 @@
 """Anomaly-segmentation metrics for Mask2Anomaly: the one entry point the benchmark runner, training's periodic
 evaluation and the ``evaluate`` module use.
 
-* :class:`PixelMetricAccumulator` (``pixel_metrics.py``): AuPRC, FPR95, AUROC, best F1 on pooled non-void pixels,
-  ``mode="exact"`` (scikit-learn values) or ``"smiyc"`` / ``"smiyc_uniform"`` (SegmentMeIfYouCan's binned curves).
-* :class:`ComponentMetricAccumulator` (``component_metrics.py``): SegmentMeIfYouCan's sIoU, PPV and mean F1.
+* :class:`PixelMetricAccumulator` (``pixel.py``): AuPRC, FPR95, AUROC, best F1 on pooled non-void pixels,
+  ``mode="exact"`` (``exact.py``: scikit-learn values) or ``"smiyc"`` / ``"smiyc_uniform"`` (``smiyc.py``:
+  SegmentMeIfYouCan's binned curves).
+* :class:`ComponentMetricAccumulator` (``components.py``): SegmentMeIfYouCan's sIoU, PPV and mean F1 (the only
+  module that needs scipy, imported when a frame is scored).
+* ``common.py``: the label convention (0 / 1 / 255 void) and the input checks every metric shares.
 * :func:`compute_metrics`: everything for in-memory lists of score maps and label maps.
 * :func:`evaluate_two_pass`: pixel curve first, then components at its best-F1 threshold, for frames that can be
   produced twice (e.g. read from disk), so that nothing is held in memory.
@@ -22,7 +25,8 @@ from typing import Any, Callable, Iterable, TypeVar
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .component_metrics import (
+from .common import VOID_LABEL, check_frame, check_labels, to_numpy
+from .components import (
     SIOU_THRESHOLDS,
     TRACK_SIZE_THRESHOLDS,
     ComponentMetricAccumulator,
@@ -30,7 +34,7 @@ from .component_metrics import (
     Track,
     frame_component_stats,
 )
-from .pixel_metrics import PIXEL_MODES, PixelMetricAccumulator, PixelMode
+from .pixel import PIXEL_MODES, PixelMetricAccumulator, PixelMode
 
 
 logger = logging.get_logger(__name__)
@@ -39,15 +43,19 @@ __all__ = [
     "PIXEL_MODES",
     "SIOU_THRESHOLDS",
     "TRACK_SIZE_THRESHOLDS",
+    "VOID_LABEL",
     "ComponentMetricAccumulator",
     "FrameComponentStats",
     "PixelMetricAccumulator",
     "PixelMode",
     "Track",
+    "check_frame",
+    "check_labels",
     "compute_metrics",
     "evaluate_two_pass",
     "frame_component_stats",
     "merge_accumulators",
+    "to_numpy",
 ]
 
 Frames = Iterable[tuple[Any, Any]]

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from scipy import ndimage
 from transformers.utils import logging
 
-from .pixel_metrics import check_frame, to_numpy
+from .common import check_frame, to_numpy
 
 
 logger = logging.get_logger(__name__)
@@ -89,6 +88,9 @@ def frame_component_stats(
         threshold_value = threshold
     predicted = scores > threshold_value
     predicted &= ~void
+
+    # scipy only here: the pixel metrics, the facade and the runner import without it (remote code never needs it).
+    from scipy import ndimage
 
     gt_components, num_gt = ndimage.label(labels == 1, structure=_EIGHT_CONNECTIVITY)
     pred_components, num_pred = ndimage.label(predicted, structure=_EIGHT_CONNECTIVITY)

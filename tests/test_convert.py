@@ -45,7 +45,8 @@ from modeling_mask2anomaly.d2_config import (
 from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
 from modeling_mask2anomaly.inference import predict_anomaly
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+from shared_paths import SHARED_FIXTURES
+
 PARITY_FIXTURES = [SHARED_FIXTURES / "official_r50_small", SHARED_FIXTURES / "official_swin_small"]
 PARITY_FIXTURES += [Path(p) for p in os.environ.get("MASK2ANOMALY_PARITY_FIXTURES", "").split(os.pathsep) if p]
 R50 = SHARED_FIXTURES / "official_r50_small"

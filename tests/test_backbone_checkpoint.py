@@ -19,6 +19,8 @@ from modeling_mask2anomaly.backbone_checkpoint import backbone_state_dict, load_
 from modeling_mask2anomaly.configuration_mask2anomaly import resnet_backbone
 from modeling_mask2anomaly.convert import ConversionError
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # A naive torchvision-shaped ResNet-50 (v1.5: the stride in the 3x3 convolution), with torchvision's module names
@@ -122,6 +124,7 @@ def _check_features(backbone: nn.Module, net: NaiveResNet50) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"stage {stage + 1}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50.pth", "barlowtwins_resnet50.pth", "R-50.pkl"])
 def test_backbone_features_equal_the_naive_network(name, naive_and_files):
     net, folder = naive_and_files
@@ -130,6 +133,7 @@ def test_backbone_features_equal_the_naive_network(name, naive_and_files):
     _check_features(model.model.pixel_level_module.encoder, net)
 
 
+@pytest.mark.slow
 def test_command_writes_transformers_names_that_load_back(naive_and_files, tmp_path, capsys):
     net, folder = naive_and_files
     output = tmp_path / "backbone.safetensors"

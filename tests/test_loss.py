@@ -17,6 +17,8 @@ from modeling_mask2anomaly import (
 )
 from modeling_mask2anomaly.modeling_mask2anomaly import Mask2AnomalyLoss
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 
 

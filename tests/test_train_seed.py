@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from mask2anomaly_training.train import load_config, train
 
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+
 TINY_STAGE2 = [
     "model.preset=tiny",
     "model.config={}",
@@ -32,14 +34,6 @@ TINY_STAGE2 = [
     "training.checkpoint_steps=0",
     "training.eval_steps=0",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(folder: Path, seed: int, workers: int) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -24,8 +24,10 @@ import torch
 
 from modeling_mask2anomaly import Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor
 from modeling_mask2anomaly.convert import convert_checkpoint
+from shared_paths import SHARED_FIXTURES
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+
 R50 = SHARED_FIXTURES / "official_r50_small"
 STEPS_DIR = SHARED_FIXTURES / "official_train_step"
 STEPS = ["unpadded_64x128", "padded_72x136"]

@@ -62,7 +62,7 @@ GRADIENT_NAMES = {
 # The two implementations sum in different orders (forward parity is ~1e-6 on the logits). Measured with
 # 1 and 2 threads: largest relative difference of a loss term 6.2e-6 (loss_ood_1, both steps); of a gradient,
 # relative to the parameter's largest official gradient, 1.9e-3 (backbone.res4.0.conv2, unpadded) and 1.7e-3
-# (sampling_offsets, padded), cosine similarity >= 0.9999991. Gradients move more than losses because a tiny
+# (sampling_offsets, padded), cosine similarity >= 0.999997. Gradients move more than losses because a tiny
 # change in a mask logit near sigmoid = 0.5 flips a pixel between the foreground and the background attention
 # (and near-ties in the uncertain-point top-k): ours alone moves by up to 1.1e-3 between 1 and 2 threads.
 TERM_RTOL = 2e-5

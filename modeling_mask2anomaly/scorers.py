@@ -15,9 +15,10 @@ range around their threshold instead. Either is the scorer's `display_range`, th
 normal image does not look anomalous. `default_threshold` is the scorer's decision threshold when none is set,
 each the same rule in the scorer's units: a pixel is anomalous when no class claims it, i.e. max_c S_c < 0.5
 (mask2anomaly, eam, msp: score > 0.5; rba: sum_c tanh(S_c) < 0.5, score > -0.5) or no class's mask logit is
-positive (max_logit: score > 0; energy: score > -3, about -log 19, the energy of 19 classes with logits 0). `refined_score` is what refinement writes where a confident "stuff" mask
-covers a pixel: the "explained" end of the scale (0 for the bounded scorers, as officially; rba's and the logit
-scorers' display minimum, since 0 would be their most anomalous value or the middle of their scale).
+positive (max_logit: score > 0; energy: score > -3, about -log 19, the energy of 19 classes with logits 0).
+`refined_score` is what refinement writes where a confident "stuff" mask covers a pixel: the "explained" end of
+the scale (0 for the bounded scorers, as officially; rba's and the logit scorers' display minimum, since 0 would be
+their most anomalous value or the middle of their scale).
 
 This file travels to the Hub as remote code: it imports only the standard library and torch.
 """

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from modeling_mask2anomaly.predict import main
-from test_pipeline import single_thread  # noqa: F401  (autouse fixture: one torch thread)
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALES = {  # written here from the registry's documented values, not read from it
@@ -26,10 +28,12 @@ def areas(tmp_path_factory) -> dict[str, dict[str, float]]:
     """scorer -> image name -> anomalous area (%) at the scorer's default threshold, checked against the map."""
     found: dict[str, dict[str, float]] = {}
     capture = pytest.MonkeyPatch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     for name, (scale, threshold) in SCALES.items():
         out = tmp_path_factory.mktemp(name)
         lines: list[str] = []
-        capture.setattr("tqdm.auto.tqdm.write", staticmethod(lambda text, *a, **k: lines.append(text)))
+        capture.setattr("tqdm.auto.tqdm.write", staticmethod(lambda text, *a, lines=lines, **k: lines.append(text)))
         assert main(["--model", str(ROOT / "demo_model"), "--output-dir", str(out), "--anomaly-scorer", name,
                      str(ROOT / "samples")]) == 0
         found[name] = {}
@@ -43,6 +47,7 @@ def areas(tmp_path_factory) -> dict[str, dict[str, float]]:
             found[name][stem] = float(match["area"])
         assert len(found[name]) == 5
     capture.undo()
+    torch.set_num_threads(threads)
     return found
 
 

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_handler import _load_module
-from test_pipeline import isolated_remote_code  # noqa: F401  (fixture)
-from test_pipeline import single_thread  # noqa: F401  (autouse fixture: one torch thread)
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "app" / "examples"
 SCREENSHOTS = os.environ.get("MASK2ANOMALY_SCREENSHOTS")  # a folder to keep the page's screenshots in
 
 
@@ -120,12 +120,13 @@ def test_empty_press_says_what_to_do(browser_page):
 
 def test_upload_and_press_show_both_pictures_and_the_summary(browser_page):
     page, app = browser_page
-    page.locator("#source input[type=file]").set_input_files(str(REPO / "app" / "examples" / "synthroad_anomaly_000001.png"))
+    page.locator("#source input[type=file]").set_input_files(str(EXAMPLES / "synthroad_anomaly_000001.png"))
     _wait_for_summary(page, "Press Find anomalies.")
     page.get_by_role("button", name=app.BUTTON).click()
     summary = _wait_for_summary(page, "max anomaly score")
     _shot(page, "2_result")
-    assert summary.startswith("256x128 image: max anomaly score ") and "(mask2anomaly score, colour scale 0 .. 1)" in summary
+    assert summary.startswith("256x128 image: max anomaly score ")
+    assert "(mask2anomaly score, colour scale 0 .. 1)" in summary
     assert "anomalous area " in summary and "(score > 0.5)" in summary
     assert _error_badges(page) == 0
     pictures = [page.locator(f"#{name} img") for name in ("heatmap", "semantic")]
@@ -137,7 +138,7 @@ def test_upload_and_press_show_both_pictures_and_the_summary(browser_page):
     assert abs(boxes[0]["height"] - boxes[1]["height"]) <= 2, boxes
     assert abs(boxes[0]["y"] - boxes[1]["y"]) <= 2, boxes
     # a new upload clears the previous outputs
-    page.locator("#source input[type=file]").set_input_files(str(REPO / "app" / "examples" / "synthroad_obstacle_000001.png"))
+    page.locator("#source input[type=file]").set_input_files(str(EXAMPLES / "synthroad_obstacle_000001.png"))
     _wait_for_summary(page, "Press Find anomalies.")
     assert page.locator("#heatmap img").count() == 0 and page.locator("#semantic img").count() == 0
     _shot(page, "3_new_upload")

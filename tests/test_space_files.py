@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
-
 from test_handler import _load_module
 
 APP = Path(__file__).resolve().parent.parent / "app"

@@ -28,7 +28,7 @@ from transformers import Mask2FormerForUniversalSegmentation
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
 from modeling_mask2anomaly.convert import mask2former_config_from_mask2anomaly
-from modeling_mask2anomaly.predict import resolve_device
+from modeling_mask2anomaly.inference import resolve_device
 
 
 # Nominal dense matrix peaks (TFLOP/s, without sparsity) of GPUs the project is benchmarked on, by name fragment.

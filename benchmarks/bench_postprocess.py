@@ -121,7 +121,7 @@ def main() -> None:
     if args.worker:  # the parent has checked the device; the workers import nothing they do not measure
         worker(args.worker, args.out, args.runs, torch.device(args.device))
         return
-    from modeling_mask2anomaly.predict import resolve_device
+    from modeling_mask2anomaly.inference import resolve_device
 
     try:
         device = resolve_device(args.device)

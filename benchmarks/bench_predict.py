@@ -39,7 +39,8 @@ from modeling_mask2anomaly import (
     load_image,
     predict_anomaly,
 )
-from modeling_mask2anomaly.predict import DTYPES, check_dtype_for_device, output_stems, resolve_device, write_outputs
+from modeling_mask2anomaly.inference import resolve_device
+from modeling_mask2anomaly.predict import DTYPES, check_dtype_for_device, output_stems, write_outputs
 
 STAGES = {
     "backbone": lambda m: m.model.pixel_level_module.encoder,

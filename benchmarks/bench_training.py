@@ -32,17 +32,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from mask2anomaly_training.collate import TrainingCollator
-from mask2anomaly_training.train import (
-    build_model,
-    freeze_backbone,
-    load_config,
-    micro_batches,
-    optimizer_step,
-    parameter_groups,
-    poly_schedule,
-    set_train_mode,
-    stage_data,
-)
+from mask2anomaly_training.config import load_config
+from mask2anomaly_training.loop import optimizer_step
+from mask2anomaly_training.model import build_model, freeze_backbone, set_train_mode
+from mask2anomaly_training.optim import parameter_groups, poly_schedule
+from mask2anomaly_training.sampling import micro_batches
+from mask2anomaly_training.sources import stage_data
 
 TARGET_RATIO = 1.15
 

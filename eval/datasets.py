@@ -22,11 +22,11 @@ from transformers.utils import logging
 
 from .io import read_label_png
 from .metrics import Track
+from modeling_mask2anomaly.image_processing_mask2anomaly import IMAGE_EXTENSIONS
 
 
 logger = logging.get_logger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 VOID = 255
 
 # Official `ObstacleTrack-validation` split (road_anomaly_benchmark/datasets/tracks.py): frames of the `validation`

@@ -37,7 +37,9 @@ from accelerate import PartialState
 from accelerate.logging import get_logger
 
 from modeling_mask2anomaly.atomic_io import write_text_atomically
-from modeling_mask2anomaly.image_processing_mask2anomaly import ANOMALY_SCORERS, Mask2AnomalyImageProcessor
+from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
+from modeling_mask2anomaly.inference import load_model_and_processor
+from modeling_mask2anomaly.scorers import ANOMALY_SCORERS
 
 from .datasets import BENCHMARKS, get_benchmark
 from .loop import COMPONENT_METRICS, PIXEL_METRICS, evaluate
@@ -87,22 +89,6 @@ def write_results(record: Mapping[str, Any], output_dir: str | os.PathLike) -> t
 
 
 # ------------------------------------------------------------------------------------------------ command line
-
-
-# The model loader: one function, to be replaced by the shared `modeling_mask2anomaly.inference` loader.
-def load_model_and_processor(model_id: str, device: torch.device | str = "cpu"
-                             ) -> tuple[torch.nn.Module, Mask2AnomalyImageProcessor]:
-    """The model and processor of a folder or Hub id (processor from the model's config if none was saved)."""
-    from modeling_mask2anomaly import Mask2AnomalyForUniversalSegmentation
-
-    model = Mask2AnomalyForUniversalSegmentation.from_pretrained(model_id).to(device).eval()
-    try:
-        processor = Mask2AnomalyImageProcessor.from_pretrained(model_id)
-    except OSError:
-        logger.warning(f"{model_id} has no preprocessor_config.json; using the official pre-processing with the "
-                       "post-processing settings of its config")
-        processor = Mask2AnomalyImageProcessor.from_model_config(model.config)
-    return model, processor
 
 
 def build_parser() -> argparse.ArgumentParser:

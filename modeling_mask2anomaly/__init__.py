@@ -21,11 +21,10 @@ from .configuration_mask2anomaly import (
     Mask2AnomalyConfig,
 )
 from .image_processing_mask2anomaly import (
-    AnomalyPrediction,
+    IMAGE_EXTENSIONS,
+    AnomalySemanticOutput,
     Mask2AnomalyImageProcessor,
-    iter_predict_anomaly,
     load_image,
-    predict_anomaly,
 )
 from .modeling_mask2anomaly import (
     Mask2AnomalyForUniversalSegmentation,
@@ -33,6 +32,15 @@ from .modeling_mask2anomaly import (
     Mask2AnomalyPreTrainedModel,
     class_mask_scores,
     mask_contrastive_loss,
+)
+from .scorers import SCORERS, Scorer
+from .inference import (  # noqa: E402  (after the model classes it loads)
+    AnomalyPrediction,
+    batches_of_equal_size,
+    iter_predict_anomaly,
+    load_model_and_processor,
+    predict_anomaly,
+    resolve_device,
 )
 
 AutoConfig.register(Mask2AnomalyConfig.model_type, Mask2AnomalyConfig, exist_ok=True)
@@ -47,6 +55,13 @@ Mask2AnomalyImageProcessor.register_for_auto_class("AutoImageProcessor")
 __all__ = [
     "ANOMALY_SCORERS",
     "AnomalyPrediction",
+    "AnomalySemanticOutput",
+    "IMAGE_EXTENSIONS",
+    "SCORERS",
+    "Scorer",
+    "batches_of_equal_size",
+    "load_model_and_processor",
+    "resolve_device",
     "CITYSCAPES_CLASSES",
     "CITYSCAPES_REFINE_CLASS_IDS",
     "Mask2AnomalyConfig",

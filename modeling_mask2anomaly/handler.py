@@ -7,12 +7,15 @@ it. Custom-code models get no serverless widget; an Inference Endpoint built fro
 `EndpointHandler(path)` and calls it per request:
 
     request:  {"inputs": <base64 string (optionally a data: URI) | raw image bytes | PIL image>,
-               "parameters": {"threshold": 0.5, "flip_tta": true, "refine": true, "scorer": "mask2anomaly"}}
+               "parameters": {"anomaly_threshold": 0.5, "flip_tta": true, "refine": true,
+                              "anomaly_scorer": "mask2anomaly"}}
     response: [{"label": "anomaly", "score": 0.83, "mask": "<base64 PNG>"}, {"label": "road", ...}, ...]
 
 the widget's image-segmentation JSON: one entry per Cityscapes class present, and an "anomaly" entry (pixels whose
 anomaly score exceeds the threshold; score = their mean anomaly score) when there are any. Masks are "L" PNGs,
-255 inside and 0 outside, at the image's size. Every parameter is optional and defaults to the model's config.
+255 inside and 0 outside, at the image's size. Every parameter is optional and defaults to the image processor's
+setting of the same name; `threshold` and `scorer` are accepted as aliases of `anomaly_threshold` and
+`anomaly_scorer`.
 
 The endpoint needs only transformers, torch, numpy, pillow and scipy: the model, its processor and the pipeline
 come from the repository's remote code (trust_remote_code).
@@ -28,7 +31,7 @@ from typing import Any
 from PIL import Image
 from transformers import pipeline
 
-PARAMETERS = ("threshold", "flip_tta", "refine", "scorer")
+PARAMETERS = ("anomaly_threshold", "flip_tta", "refine", "anomaly_scorer", "threshold", "scorer")
 
 
 def decode_image(inputs: Any) -> Image.Image | bytes:

@@ -374,6 +374,7 @@ REMOTE_CODE_FILES = (
     "image_processing_mask2anomaly.py",
     "pipeline_mask2anomaly.py",
     "visualize.py",
+    "scorers.py",
 )
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_mask2anomaly.Mask2AnomalyConfig",

@@ -10,10 +10,13 @@ each written to a temporary file in the output folder and renamed into place, so
 never leaves a partial file. It prints one summary line per image (max score, anomalous area at the threshold)
 and one line per unreadable input naming the file and the reason; the exit status is 1 when any input failed.
 
-Images are read lazily and predicted up to `--batch-size` at a time (`predict_anomaly`), so memory is bounded by
-one batch however many images there are; only consecutive images of the same processed size share a batch, so the
-maps do not depend on `--batch-size`. The processor resizes to shortest side 1024 / longest 2048 unless
-`--no-resize`.
+Images are read lazily (converted to RGB once, by `load_image`) and predicted up to `--batch-size` at a time
+(`inference.batches_of_equal_size` then `inference.predict_batch`), so memory is bounded by one batch however many
+images there are; only consecutive images of the same processed size share a batch, so the maps do not depend on
+`--batch-size`. The processor resizes to shortest side 1024 / longest 2048 unless `--no-resize`.
+
+Flags are named as the processor settings they override: `--anomaly-scorer` (`anomaly_scorer`; alias `--scorer`)
+and `--anomaly-threshold` (`anomaly_threshold`; alias `--threshold`).
 """
 
 from __future__ import annotations
@@ -29,33 +32,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
-from transformers.utils import logging
 
 from .atomic_io import write_atomically
-from .image_processing_mask2anomaly import (
-    ANOMALY_SCORERS,
+from .image_processing_mask2anomaly import IMAGE_EXTENSIONS, load_image
+from .inference import (
     AnomalyPrediction,
-    Mask2AnomalyImageProcessor,
+    _input_placement,
     batches_of_equal_size,
-    load_image,
-    predict_anomaly,
+    load_model_and_processor,
+    predict_batch,
+    resolve_device,
 )
-from .modeling_mask2anomaly import Mask2AnomalyForUniversalSegmentation
+from .scorers import ANOMALY_SCORERS
 from .visualize import anomaly_summary, default_score_range, render_heatmap, render_semantic
-
-logger = logging.get_logger(__name__)
 
 OUTPUT_SUFFIXES: tuple[str, ...] = ("_anomaly.npy", "_heatmap.png", "_semantic.png")
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
-
-
-def image_extensions() -> frozenset[str]:
-    """File extensions PIL can open (lower case, with the dot): what folders and globs are filtered on."""
-    return frozenset(ext.lower() for ext in Image.registered_extensions())
 
 
 def collect_inputs(sources: Sequence[str], exclude_dir: str | os.PathLike | None = None) -> tuple[list[Path], list[str]]:
@@ -69,7 +64,7 @@ def collect_inputs(sources: Sequence[str], exclude_dir: str | os.PathLike | None
     Returns:
         (paths, problems): the paths in order, and one message per source that matched nothing.
     """
-    extensions = image_extensions()
+    extensions = IMAGE_EXTENSIONS
     excluded = Path(exclude_dir).resolve() if exclude_dir is not None else None
 
     def wanted(path: Path) -> bool:
@@ -84,7 +79,7 @@ def collect_inputs(sources: Sequence[str], exclude_dir: str | os.PathLike | None
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and wanted(p))
             if not found:
-                problems.append(f"{source}: folder holds no image files ({', '.join(sorted(extensions)[:6])}, ...)")
+                problems.append(f"{source}: folder holds no image files ({', '.join(extensions)})")
         elif path.is_file():
             found = [path]
         elif glob.has_magic(source):
@@ -158,19 +153,6 @@ def summary_line(name: str, anomaly_map: np.ndarray, threshold: float) -> str:
 # ------------------------------------------------------------------------------------------------------ model
 
 
-def resolve_device(device: str) -> torch.device:
-    """`cpu`, `cuda[:i]` or `auto` (cuda when available) as a torch device; cuda without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a device; expected cpu, cuda, cuda:N or auto") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r} asked for CUDA but torch sees no GPU; use --device cpu or auto")
-    return resolved
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -183,22 +165,6 @@ def check_dtype_for_device(dtype: str, device: torch.device) -> None:
             f"{dtype} inputs laid out as the pixel decoder lays them out, and is no faster; use --dtype float32 "
             "on the CPU"
         )
-
-
-def load_model(
-    model_name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32
-) -> tuple[Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor]:
-    """The model (weights cast to `dtype`) and its processor from a folder or a Hub id (the Hub cache works
-    offline); a folder without a preprocessor_config.json gets the processor built from the model config."""
-    model = Mask2AnomalyForUniversalSegmentation.from_pretrained(model_name_or_path)
-    model = model.to(device=device, dtype=dtype).eval()
-    try:
-        processor = Mask2AnomalyImageProcessor.from_pretrained(model_name_or_path)
-    except OSError:
-        logger.warning(f"{model_name_or_path} has no preprocessor_config.json; using the model config's settings "
-                       f"with the official pre-processing")
-        processor = Mask2AnomalyImageProcessor.from_model_config(model.config)
-    return model, processor
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -221,11 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-flip", action="store_true", help="turn off horizontal-flip test-time augmentation")
     parser.add_argument("--no-resize", action="store_true",
                         help="keep each image's own size (still padded to a multiple of 32)")
-    parser.add_argument("--scorer", choices=ANOMALY_SCORERS, default=None,
-                        help="per-pixel anomaly score (default: the model's anomaly_scorer)")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--anomaly-scorer", "--scorer", dest="anomaly_scorer", choices=ANOMALY_SCORERS, default=None,
+                        metavar="NAME", help=f"per-pixel anomaly score, one of {', '.join(ANOMALY_SCORERS)} "
+                                             "(default: the processor's anomaly_scorer)")
+    parser.add_argument("--anomaly-threshold", "--threshold", dest="anomaly_threshold", type=float, default=None,
+                        metavar="VALUE",
                         help="anomaly decision threshold for the summary and the colour bar mark "
-                             "(default: the model's anomaly_threshold)")
+                             "(default: the processor's anomaly_threshold)")
     return parser
 
 
@@ -269,12 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mask2anomaly-predict: no input images", file=sys.stderr)
         return 1
 
-    model, processor = load_model(args.model, device, DTYPES[args.dtype])
+    model, processor = load_model_and_processor(args.model, device, DTYPES[args.dtype])
+    model.eval()
     do_resize = False if args.no_resize else None  # None: the processor's own setting
     flip_tta = processor.flip_tta and not args.no_flip
     refine = processor.refine and not args.no_refine
-    scorer = args.scorer or processor.anomaly_scorer
-    threshold = processor.anomaly_threshold if args.threshold is None else args.threshold
+    scorer = args.anomaly_scorer or processor.anomaly_scorer
+    threshold = processor.anomaly_threshold if args.anomaly_threshold is None else args.anomaly_threshold
+    device, dtype = _input_placement(model, device)
 
     failures = len(problems)
     progress = tqdm(total=len(paths), desc="mask2anomaly-predict", unit="image", file=sys.stderr)
@@ -290,13 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def processed_size(item: _Loaded) -> tuple[int, int]:
         return processor.processed_size(item.image.shape[:2], do_resize)
 
-    # batches of one processed size, as predict_anomaly forms them, so that a failed pass is reported per file
+    # the one batching of the path, so that a failed pass is reported per file
     images = _read_images(paths, output_stems(paths), report)
     for batch in batches_of_equal_size(images, args.batch_size, processed_size):
         try:
-            predictions = predict_anomaly(model, processor, [item.image for item in batch], flip_tta=flip_tta,
-                                          refine=refine, scorer=scorer, batch_size=len(batch), device=device,
-                                          do_resize=do_resize)
+            predictions = predict_batch(model, processor, [item.image for item in batch], flip_tta, refine=refine,
+                                        scorer=scorer, device=device, dtype=dtype, do_resize=do_resize)
         except (RuntimeError, ValueError, MemoryError) as err:
             for item in batch:
                 report(item.path, f"prediction failed ({err})")

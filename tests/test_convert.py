@@ -42,7 +42,8 @@ from modeling_mask2anomaly.d2_config import (
     config_from_detectron2_yaml,
     load_detectron2_yaml,
 )
-from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor, predict_anomaly
+from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
+from modeling_mask2anomaly.inference import predict_anomaly
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 PARITY_FIXTURES = [SHARED_FIXTURES / "official_r50_small", SHARED_FIXTURES / "official_swin_small"]
@@ -430,7 +431,8 @@ def test_official_style_yaml_with_base_and_eval_tag(tmp_path):
     assert config.global_masked_attention and config.num_labels == 19 and config.id2label[0] == "road"
     assert (config.class_weight, config.mask_weight, config.dice_weight, config.no_object_weight) == (2.0, 5.0, 5.0, 0.1)
     assert (config.contrastive_loss, config.contrastive_margin, config.contrastive_weight) == ("margin", 1.0, 1.0)
-    assert config.refine and config.refine_class_ids == list(range(2, 11))
+    processor = Mask2AnomalyImageProcessor.from_model_config(config)  # refinement: a processor setting
+    assert processor.refine and processor.refine_class_ids == list(range(2, 11))
 
 
 @pytest.mark.parametrize("frozen_bn", [False, True], ids=["bn", "frozen_bn"])

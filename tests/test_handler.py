@@ -76,6 +76,12 @@ def test_endpoint_handler_request(tmp_path, isolated_remote_code, behaviour, exp
         again = handler({"inputs": inputs, "parameters": {"flip_tta": False}})
         assert [e["label"] for e in again] == labels and [e["mask"] for e in again] == [e["mask"] for e in response]
 
+    # parameters named as the processor settings, and the older names as aliases: a threshold above every score
+    # removes the anomaly entry either way
+    for parameters in ({"anomaly_threshold": 2.0, "anomaly_scorer": "mask2anomaly"}, {"threshold": 2.0, "scorer": "mask2anomaly"}):
+        high = handler({"inputs": _png_base64(image), "parameters": {"flip_tta": False, **parameters}})
+        assert [e["label"] for e in high] == [label for label in labels if label != "anomaly"]
+
 
 def test_endpoint_handler_refuses_bad_requests(tmp_path, isolated_remote_code):
     folder = save_tiny_model(tmp_path / "model", "random")

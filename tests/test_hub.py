@@ -16,20 +16,24 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageSegmentation, A
 from modeling_mask2anomaly import (
     Mask2AnomalyConfig,
     Mask2AnomalyForUniversalSegmentation,
+    Mask2AnomalyImageProcessor,
     Mask2AnomalyModel,
 )
+from modeling_mask2anomaly.configuration_mask2anomaly import LEGACY_PROCESSOR_KEYS
 
 AUTO_CLASSES = ["AutoConfig", "AutoModel", "AutoModelForUniversalSegmentation", "AutoModelForImageSegmentation"]
 
 
 def test_config_round_trip(tmp_path):
-    config = Mask2AnomalyConfig.tiny(contrastive_loss="bce", refine_class_ids=[2, 8, 10], anomaly_threshold=0.3)
+    config = Mask2AnomalyConfig.tiny(contrastive_loss="bce", contrastive_margin=0.5)
     config.save_pretrained(tmp_path)
     loaded = Mask2AnomalyConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     raw = json.loads((tmp_path / "config.json").read_text())
     assert raw["model_type"] == "mask2anomaly"
-    assert raw["contrastive_loss"] == "bce" and raw["refine_class_ids"] == [2, 8, 10]
+    assert raw["contrastive_loss"] == "bce" and raw["contrastive_margin"] == 0.5
+    # post-processing settings are the image processor's (tests/test_settings.py): never in config.json
+    assert not set(raw) & set(LEGACY_PROCESSOR_KEYS)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), Mask2AnomalyConfig)
 
 
@@ -39,8 +43,10 @@ def test_paper_defaults():
     assert config.backbone_config.downsample_in_bottleneck is False
     assert (config.num_queries, config.decoder_layers, config.num_labels) == (100, 10, 19)
     assert config.id2label[0] == "road" and config.id2label[18] == "bicycle"
-    assert config.refine_class_ids == list(range(2, 11)) and config.refine_score_threshold == 0.95
-    assert config.global_masked_attention and config.contrastive_loss == "margin" and config.outlier_label == 254
+    assert config.global_masked_attention and config.contrastive_loss == "margin"
+    processor = Mask2AnomalyImageProcessor.from_model_config(config)  # the owner of the post-processing defaults
+    assert processor.refine_class_ids == list(range(2, 11)) and processor.refine_score_threshold == 0.95
+    assert processor.outlier_label == 254
 
 
 def test_invalid_settings_are_named():

@@ -203,6 +203,16 @@ def test_anomaly_map_pipeline(tmp_path):
         pipe(rgb, scorer="oracle")
     with pytest.raises(ValueError, match="subtask"):
         pipe(rgb, subtask="panoptic")
+    # parameters are named as the processor settings; the older names are aliases
+    for name, value in (("anomaly_threshold", 0.3), ("threshold", 0.3)):
+        assert pipe(rgb, flip_tta=False, **{name: value})["threshold"] == 0.3
+    named = pipe(rgb, flip_tta=False, anomaly_scorer="energy")["anomaly_map"]
+    np.testing.assert_array_equal(named, pipe(rgb, flip_tta=False, scorer="energy")["anomaly_map"])
+    assert not np.allclose(named, plain, atol=1e-3), "the scorer really changed"
+    with pytest.raises(ValueError, match="anomaly_scorer='rba' and its alias scorer='msp'"):
+        pipe(rgb, anomaly_scorer="rba", scorer="msp")
+    with pytest.raises(ValueError, match="scorer='oracle'"):
+        pipe(rgb, anomaly_scorer="oracle")
 
 
 # ------------------------------------------------------------------------------------------------ remote code

@@ -223,9 +223,9 @@ def test_bfloat16_model():
 
 
 def test_cli_dtype(workspace, tmp_path, capsys):
-    """--dtype casts the weights (load_model); reduced precision on the CPU is refused with the reason, nothing
+    """--dtype casts the weights (load_model_and_processor); reduced precision on the CPU is refused with the reason, nothing
     written (torch's CPU grid_sample gives wrong bfloat16 values for the pixel decoder's strided inputs)."""
-    model, _ = predict_module.load_model(str(workspace["model_dir"]), torch.device("cpu"), torch.bfloat16)
+    model, _ = predict_module.load_model_and_processor(str(workspace["model_dir"]), torch.device("cpu"), torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     out = tmp_path / "out"
     code, _, stderr = _run(workspace, out, "--dtype", "bfloat16", capsys=capsys)
@@ -240,10 +240,27 @@ def test_cli_dtype(workspace, tmp_path, capsys):
 def test_no_resize_leaves_the_processor_alone(workspace, tmp_path, capsys, monkeypatch):
     ws = workspace
     processor = copy.deepcopy(ws["processor"])
-    monkeypatch.setattr(predict_module, "load_model", lambda name, device, dtype: (ws["model"], processor))
+    monkeypatch.setattr(predict_module, "load_model_and_processor", lambda name, device, dtype: (ws["model"], processor))
     code, _, stderr = _run(ws, tmp_path / "out", "--no-resize", "--no-flip", capsys=capsys)
     assert code == 0, stderr
     assert processor.do_resize is True
     rgb = np.asarray(Image.open(ws["images"] / "rgb.png").convert("RGB"))
     np.testing.assert_allclose(np.load(tmp_path / "out" / "rgb_anomaly.npy"),
                                _manual_anomaly(ws, rgb, flip=False, refine=True, resize=False), atol=1e-5)
+
+
+def test_flags_share_the_settings_names(workspace, tmp_path, capsys):
+    """--anomaly-scorer / --anomaly-threshold, named as the processor settings, and their aliases --scorer /
+    --threshold give the same outputs."""
+    outputs = {}
+    for flags in (("--anomaly-scorer", "msp", "--anomaly-threshold", "0.25"), ("--scorer", "msp", "--threshold", "0.25")):
+        out = tmp_path / flags[0].strip("-")
+        code, stdout, stderr = _run(workspace, out, "--no-flip", *flags, capsys=capsys)
+        assert code == 0, stderr
+        assert "(score > 0.25)" in stdout
+        outputs[flags[0]] = np.load(out / "rgb_anomaly.npy")
+    np.testing.assert_array_equal(outputs["--anomaly-scorer"], outputs["--scorer"])
+    default = tmp_path / "default"
+    assert _run(workspace, default, "--no-flip", capsys=capsys)[0] == 0
+    assert not np.array_equal(np.load(default / "rgb_anomaly.npy"), outputs["--scorer"]), "msp is not the default"
+

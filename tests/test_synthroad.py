@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -111,7 +113,7 @@ def test_cli_write_is_atomic(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(synthroad.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         main(["--split", "outliers", "--num", "1", "--output-dir", str(tmp_path), "--height", "64", "--width", "64"])
     assert _files(tmp_path / "images") == [] and _files(tmp_path / "labels") == []
@@ -145,3 +147,11 @@ def test_dataset_matches_generator(tmp_path):
         assert np.array_equal(np.asarray(row["label"]), label)
     with pytest.raises(ValueError, match="split='test'"):
         synthroad_dataset("test", 2)
+
+
+def test_cli_help_imports_neither_torch_nor_transformers_nor_datasets():
+    # a numpy/PIL generator: `mask2anomaly-synthroad --help` must not pay for the model stack
+    code = ("import sys\nfrom mask2anomaly_training.synthroad import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--output-dir" in result.stdout and result.stdout.strip().endswith("[]"), result.stdout

@@ -20,28 +20,20 @@ import pytest
 import torch
 import yaml
 from accelerate import Accelerator
+from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.nn import functional as F
 
 from mask2anomaly_training.collate import TrainingCollator
-from mask2anomaly_training.train import (
-    ProcessBatchSampler,
-    backbone_of,
-    build_model,
-    freeze_backbone,
-    global_batch_indices,
-    list_checkpoints,
-    load_config,
-    load_source,
-    make_augmentation,
-    optimizer_step,
-    parameter_groups,
-    poly_schedule,
-    set_train_mode,
-    train,
-    training_dataset,
-)
+from mask2anomaly_training.checkpoint import list_checkpoints
+from mask2anomaly_training.config import load_config
+from mask2anomaly_training.loop import optimizer_step
+from mask2anomaly_training.model import backbone_of, build_model, freeze_backbone, set_train_mode
+from mask2anomaly_training.optim import parameter_groups, poly_schedule
+from mask2anomaly_training.sampling import ProcessBatchSampler, global_batch_indices
+from mask2anomaly_training.sources import load_source, make_augmentation, stage_data, training_dataset
+from mask2anomaly_training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE_PREFIX = "model.pixel_level_module.encoder."
@@ -113,6 +105,105 @@ def test_overrides_and_bad_keys_name_the_valid_ones(tmp_path):
     bad.write_text("training: {seed: 0}\nstage3: {}\n")
     with pytest.raises(ValueError, match=r"bad.yaml.*'stage3'.*model, processor, data, training, stage1, stage2"):
         load_config(bad)
+
+
+def test_pasted_outliers_carry_the_processors_outlier_label():
+    # issue 11: with processor.outlier_label=200 the pasted pixels used to stay 254, so the image got a class
+    # label 254 and no outlier pixels. Every image gets an outlier here (p = 1); the expected outlier pixels
+    # are counted directly on the augmented label maps, before the processor.
+    config = tiny_config("processor.outlier_label=200", "data.outlier_probability=1.0")
+    _, processor = build_model(config)
+    assert processor.outlier_label == 200
+    dataset, _, _ = stage_data(config, 2)
+    rows = [dataset[0], dataset[1]]
+    pasted = [int((np.asarray(row["label"]) == 200).sum()) for row in rows]
+    assert all(count > 0 for count in pasted), pasted
+    assert not any((np.asarray(row["label"]) == 254).any() for row in rows)
+    batch = TrainingCollator(processor, outlier_labels=True)(rows)
+    assert [int(t.sum()) for t in batch["outlier_labels"]] == pasted
+    classes = torch.cat(batch["class_labels"]).tolist()
+    assert classes and max(classes) < 19, classes
+
+
+@pytest.mark.parametrize("name", ["cityscapes", "synthroad"])
+def test_packaged_configs_load_every_value_of_their_file(name):
+    # Every leaf of the YAML file, read with plain PyYAML, is the config's value (YAML 1.1 reads 1.0e-4 as a
+    # float but 1e-4 as a string: numeric strings of float fields are floats), mappings included as a whole.
+    raw = yaml.safe_load((REPO / "training" / "configs" / f"{name}.yaml").read_text())
+    config = load_config(name)
+
+    def check(values, node, where):
+        for key, value in values.items():
+            actual = node[key] if isinstance(node, dict) else getattr(node, key)
+            if isinstance(value, dict) and not isinstance(actual, dict):
+                check(value, actual, f"{where}{key}.")
+            else:
+                expected = float(value) if isinstance(value, str) and isinstance(actual, float) else value
+                assert actual == expected and type(actual) is type(expected), (f"{where}{key}", actual, value)
+
+    check(raw, config, "")
+
+
+def test_wrong_keys_and_values_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"unknown config key 'data.trian'; valid keys of data: train, outliers, "
+                                         r"validation, crop_size") as caught:
+        tiny_config("data.trian.num=1")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match=r"stage1.max_steps='abc'") as caught:
+        tiny_config("stage1.max_steps=abc")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match=r"stage2.batch_size=None") as caught:
+        tiny_config("stage2.batch_size=")
+    assert "\n" not in str(caught.value)
+
+
+def test_override_merges_into_mappings_and_replaces_whole_ones():
+    base = load_config("synthroad")
+    config = load_config("synthroad", ["data.train.num=5", "model.config.num_queries=7", "processor.size={shortest_edge: 64}"])
+    assert config.data.train == {**base.data.train, "num": 5}
+    assert config.model.config == {**base.model.config, "num_queries": 7}
+    assert config.processor == {"size": {"shortest_edge": 64}}
+    # a whole mapping given replaces the file's one; a null validation split is dropped by validation_splits
+    replaced = load_config("synthroad", ["model.config={}", "data.validation.obstacle=null"])
+    assert replaced.model.config == {} and replaced.data.validation["obstacle"] is None
+    assert replaced.data.validation["anomaly"] == base.data.validation["anomaly"]
+    # the same source keeps the file's arguments
+    assert load_config("synthroad", ["data.train.source=synthroad"]).data.train == base.data.train
+
+
+def test_generated_synthroad_folder_is_what_training_reads(tmp_path, monkeypatch):
+    # issue 16 item 3: `mask2anomaly-synthroad --split train ... --output-dir D` then
+    # `mask2anomaly-train --config synthroad data.train.source=folder data.train.root=D` must train on D.
+    from mask2anomaly_training import synthroad
+    from mask2anomaly_training import train as train_module
+
+    folder = tmp_path / "synthroad" / "train"
+    assert synthroad.main(["--split", "train", "--num", "3", "--seed", "5", "--height", "64", "--width", "128",
+                           "--output-dir", str(folder)]) == 0
+    calls = []
+    monkeypatch.setattr(train_module, "train", lambda config, output_dir, **kwargs: calls.append((config, kwargs)))
+    # `--resume` directly before an override continues the newest checkpoint and keeps the override
+    argv = ["--config", "synthroad", "--output-dir", str(tmp_path / "run"), "--resume",
+            f"data.train.root={folder}", "data.train.source=folder", "--max-steps", "1", "stage1.batch_size=2"]
+    assert train_module.main(argv) == 0
+    (config, kwargs), = calls
+    assert kwargs["resume"] == "latest" and kwargs["max_steps"] == 1 and config.stage1.batch_size == 2
+    assert config.data.train == {"source": "folder", "root": str(folder)}
+    road = load_source(config.data.train)
+    assert len(road) == 3
+    for index, row in enumerate(road):
+        stem = synthroad.item_stem("train", index)
+        image, label = synthroad.generate_item("train", index, seed=5, height=64, width=128)
+        np.testing.assert_array_equal(np.asarray(row["image"].convert("RGB")), image)
+        np.testing.assert_array_equal(np.asarray(row["label"]), label)
+        np.testing.assert_array_equal(np.asarray(row["label"]),
+                                      np.asarray(Image.open(folder / "labels" / f"{stem}.png")))
+    # a checkpoint folder after --resume is still taken as one
+    calls.clear()
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-00000001"
+    assert train_module.main(["--output-dir", str(tmp_path / "run"), "--resume", str(checkpoint),
+                              "stage1.batch_size=2"]) == 0
+    assert calls[0][1]["resume"] == str(checkpoint) and calls[0][0].stage1.batch_size == 2
 
 
 # ------------------------------------------------------------------------------------- optimiser and schedule

@@ -97,17 +97,59 @@ def _column_major_runs(mask):
     return runs
 
 
-def test_coco_string_rle_decoding_by_hand():
-    # Worked by hand from the format: "0" -> 0, ":" -> 10, "1" -> 1, "H" -> -8 + two back (10) = 2;
-    # "T3" -> 4 + (3 << 5) = 100.
-    assert data.decode_rle_counts("0:1H") == [0, 10, 1, 2]
-    assert data.decode_rle_counts("T3") == [100]
+def _inside(x: float, y: float, polygon) -> bool:
+    """Even-odd test of point (x, y) against a flat [x0, y0, x1, y1, ...] polygon."""
+    xs, ys, inside = polygon[0::2], polygon[1::2], False
+    for i in range(len(xs)):
+        x1, y1, x2, y2 = xs[i], ys[i], xs[i - 1], ys[i - 1]
+        if (y1 > y) != (y2 > y) and x < x1 + (y - y1) * (x2 - x1) / (y2 - y1):
+            inside = not inside
+    return inside
+
+
+def _naive_polygon_mask(polygon, height, width):
+    """COCO's convention, written out: a pixel belongs to the polygon when its centre does."""
+    return np.array([[_inside(x + 0.5, y + 0.5, polygon) for x in range(width)] for y in range(height)])
+
+
+def test_coco_polygon_rasterisation_matches_a_naive_rasteriser():
+    # simple polygons (a rectangle at fractional coordinates, a triangle) against the pixel-centre rule
+    for polygon in ([2.3, 3.2, 9.6, 3.2, 9.6, 7.7, 2.3, 7.7], [1.0, 1.0, 11.0, 2.0, 4.0, 9.0]):
+        assert np.array_equal(data.annotation_mask([polygon], 12, 14), _naive_polygon_mask(polygon, 12, 14))
+    # integer corners: [2, 10) x [3, 8), not PIL's inclusive fill
+    expected = np.zeros((12, 14), bool)
+    expected[3:8, 2:10] = True
+    assert np.array_equal(data.annotation_mask([[2, 3, 10, 3, 10, 8, 2, 8]], 12, 14), expected)
+
+
+def test_coco_annotations_match_pycocotools():
+    from pycocotools import mask as coco_mask
+
+    height, width = 24, 31
+    # several parts (one overlapping another, one too short to be a polygon and ignored by both)
+    parts = [[2.2, 1.3, 12.7, 1.6, 12.1, 10.4, 1.9, 9.8], [10.0, 8.0, 20.5, 9.0, 15.0, 20.0], [25, 2, 30, 2],
+             [22.5, 14.2, 29.1, 13.0, 30.4, 22.8, 24.0, 23.5, 21.3, 18.0]]
+    reference = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects([p for p in parts if len(p) >= 6],
+                                                                       height, width))).astype(bool)
+    assert reference.sum() > 100 and np.array_equal(data.annotation_mask(parts, height, width), reference)
+    # a ring (an object with a hole) as uncompressed RLE (crowd), as a compressed string and as bytes
+    ring = np.zeros((height, width), bool)
+    ring[3:20, 4:25] = True
+    ring[8:14, 9:18] = False
+    uncompressed = {"size": [height, width], "counts": _column_major_runs(ring)}
+    compressed = coco_mask.encode(np.asfortranarray(ring.astype(np.uint8)))
+    assert np.array_equal(coco_mask.decode(coco_mask.frPyObjects(uncompressed, height, width)).astype(bool), ring)
+    for rle in (uncompressed, {"size": compressed["size"], "counts": compressed["counts"].decode()}, compressed):
+        assert np.array_equal(data.annotation_mask(rle, height, width), ring)
+    # worked by hand: runs 2 off, 3 on, 4 off, column-major, as a list and as the string "234"
     expected = np.zeros(9, bool)
-    expected[2:5] = True  # runs 2 off, 3 on, 4 off, column-major
+    expected[2:5] = True
     for counts in ([2, 3, 4], "234"):
-        assert np.array_equal(data.rle_to_mask({"size": [3, 3], "counts": counts}), expected.reshape(3, 3).T)
+        assert np.array_equal(data.annotation_mask({"size": [3, 3], "counts": counts}, 3, 3), expected.reshape(3, 3).T)
     with pytest.raises(ValueError, match="runs sum to 9"):
-        data.rle_to_mask({"size": [3, 4], "counts": [2, 3, 4]})
+        data.annotation_mask({"size": [3, 4], "counts": [2, 3, 4]}, 3, 4)
+    with pytest.raises(ValueError, match=r"size \[3, 3\] does not match its image size \[3, 4\]"):
+        data.annotation_mask({"size": [3, 3], "counts": [2, 3, 4]}, 3, 4)
 
 
 def _coco_tree(root, rng):
@@ -122,7 +164,8 @@ def _coco_tree(root, rng):
     crowd = np.zeros((30, 40), bool)
     crowd[20:26, 30:38] = True
     annotations = [
-        # image 1: a dog (rectangle polygon, PIL fills it inclusively) and a crowd of kites (RLE) -> kept
+        # image 1: a dog (rectangle polygon: pixels [2, 10) x [3, 8), pycocotools' convention) and a crowd of
+        # kites (RLE) -> kept
         {"id": 1, "image_id": 1, "category_id": 18, "iscrowd": 0, "segmentation": [[2, 3, 10, 3, 10, 8, 2, 8]]},
         {"id": 2, "image_id": 1, "category_id": 38, "iscrowd": 1,
          "segmentation": {"size": [30, 40], "counts": _column_major_runs(crowd)}},
@@ -137,7 +180,7 @@ def _coco_tree(root, rng):
     (root / "annotations" / "instances_train2017.json").write_text(
         json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     expected = crowd.copy()
-    expected[3:9, 2:11] = True
+    expected[3:8, 2:10] = True
     return expected
 
 

@@ -8,7 +8,6 @@ Shared by the accelerate loop (`mask2anomaly_training.train`) and the HF Trainer
   binary `mask_labels` with their `class_labels`, and `outlier_labels` (1 where the map holds the outlier label
   254, 0 elsewhere, void included, as in the official mapper).
 - `TrainingCollator` does both for rows of augmented (image, label) pairs, inside the loader workers.
-- `AnomalyEvaluationCollator` batches anomaly test images (labels 0/1/255) for the Trainer's evaluation.
 - `collate_examples` stacks the fixed-size tensors and keeps the per-image label lists as lists, since every
   image has its own number of masks.
 """
@@ -20,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 # Keys every training example holds; `mask_labels` and `class_labels` are per-image lists in a batch.
 STACKED_KEYS: tuple[str, ...] = ("pixel_values", "pixel_mask", "outlier_labels")
@@ -77,34 +75,6 @@ class TrainingCollator:
         return batch
 
 
-class AnomalyEvaluationCollator:
-    """`collate_fn` for anomaly test rows `{"image": RGB, "label": 0 inlier / 1 anomaly / 255 void}`.
-
-    Returns `pixel_values` and `pixel_mask` as the processor makes them for inference (resized, normalised,
-    padded) and `anomaly_labels` (B, Hp, Wp) int64: the label maps resized the same way (nearest) and padded with
-    255, i.e. aligned pixel for pixel with the anomaly maps that `post_process_anomaly_segmentation` returns
-    without target sizes.
-    """
-
-    def __init__(self, processor: Any, image_column: str = "image", label_column: str = "label"):
-        self.processor = processor
-        self.image_column, self.label_column = image_column, label_column
-
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        images = [np.asarray(row[self.image_column].convert("RGB") if hasattr(row[self.image_column], "convert")
-                             else row[self.image_column]) for row in rows]
-        encoded = self.processor(images=images, return_tensors="pt")
-        height, width = encoded["pixel_values"].shape[-2:]
-        labels = torch.full((len(rows), height, width), 255, dtype=torch.int64)
-        for index, row in enumerate(rows):
-            label = row[self.label_column]
-            label = label if hasattr(label, "resize") else Image.fromarray(np.asarray(label, dtype=np.uint8))
-            h, w = self.processor.processed_size(images[index].shape[:2])
-            resized = np.asarray(label.resize((w, h), resample=Image.NEAREST), dtype=np.int64)
-            labels[index, :h, :w] = torch.from_numpy(resized)
-        return {"pixel_values": encoded["pixel_values"], "pixel_mask": encoded["pixel_mask"], "anomaly_labels": labels}
-
-
 def collate_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Batch examples from `encode_example`: `pixel_values` (B, 3, H, W), `pixel_mask` (B, H, W) and
     `outlier_labels` (B, H, W) stacked; `mask_labels` and `class_labels` kept as lists of B tensors.
@@ -125,4 +95,4 @@ def collate_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-__all__ = ["AnomalyEvaluationCollator", "LABEL_NAMES", "LIST_KEYS", "STACKED_KEYS", "TrainingCollator", "collate_examples", "encode_example"]
+__all__ = ["LABEL_NAMES", "LIST_KEYS", "STACKED_KEYS", "TrainingCollator", "collate_examples", "encode_example"]

@@ -5,7 +5,8 @@ Everything is read from local folders (no network):
 - `cityscapes_dataset`: Cityscapes in its official layout, label ids mapped to the 19 train ids (255 void).
 - `coco_outlier_dataset`: COCO train2017 filtered as the Meta-OoD preparation used by Mask2Anomaly does (no
   person, bicycle, car, motorcycle, bus, truck, traffic light or stop sign; both sides >= 480 px); the
-  outlier mask is the union of the image's instance masks (polygons and RLE, crowd annotations included).
+  outlier mask is the union of the image's instance masks (polygons and RLE, crowd annotations included),
+  rasterised by `pycocotools.mask`.
 - `paired_folder_dataset`: any folder of images with same-stem masks or labels (ADE20K object cut-outs, one's
   own outliers, or a SynthRoad split written by ``mask2anomaly-synthroad``).
 - `synthroad_outlier_dataset`: SynthRoad's ``outliers`` split.
@@ -25,10 +26,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import datasets
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from pycocotools import mask as mask_utils
 from transformers.utils import logging
 
 from mask2anomaly_eval.io import read_label_png
+from modeling_mask2anomaly.image_processing_mask2anomaly import IMAGE_EXTENSIONS
 
 from .synthroad import synthroad_dataset
 
@@ -36,7 +39,6 @@ logger = logging.get_logger(__name__)
 
 IGNORE_LABEL = 255
 OUTLIER_MASK_COLUMN = "mask"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 # Cityscapes label id -> train id, from the Cityscapes label definitions (cityscapesScripts `labels.py`):
 # the 19 evaluated classes get train ids 0..18, every other id (unlabeled, ego vehicle, rectification border,
@@ -159,60 +161,32 @@ COCO_EXCLUDED_CATEGORIES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "bus", "truck", "traffic light", "stop sign")
 
 
-def decode_rle_counts(counts: str | bytes) -> list[int]:
-    """Decode COCO's compressed RLE string (pycocotools' `rleFrString` format) into run lengths.
-
-    Each value is a sequence of 5-bit groups in characters offset by 48; 0x20 marks "more groups follow",
-    0x10 in the last group is the sign; from the third value on, values are deltas to the value two back.
-    """
-    data = counts.encode() if isinstance(counts, str) else bytes(counts)
-    runs: list[int] = []
-    position = 0
-    while position < len(data):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(data):
-                raise ValueError(f"truncated COCO RLE string {counts!r}")
-            c = data[position] - 48
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            position += 1
-            shift += 5
-            if not more and (c & 0x10):
-                value |= -1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
-    return runs
-
-
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """Decode a COCO RLE (``{"size": [h, w], "counts": list or string}``) into bool (h, w).
-
-    Runs alternate background/foreground starting with background, in column-major order.
-    """
-    height, width = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    runs = decode_rle_counts(counts) if isinstance(counts, (str, bytes)) else [int(c) for c in counts]
-    if sum(runs) != height * width:
-        raise ValueError(f"COCO RLE runs sum to {sum(runs)}, expected height*width = {height}*{width}")
-    flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
-    return flat.reshape(width, height).T
-
-
 def annotation_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
-    """Mask (bool (height, width)) of one COCO annotation: polygons (drawn with PIL) or RLE."""
+    """Mask (bool (height, width)) of one COCO annotation, rasterised by `pycocotools.mask` (as the official
+    outlier preparation and detectron2 do): a list of polygons (the union of its parts), or an RLE with
+    uncompressed (``counts`` a list, crowd annotations) or compressed (``counts`` a string) run lengths."""
     if isinstance(segmentation, dict):
-        mask = rle_to_mask(segmentation)
-        if mask.shape != (height, width):
-            raise ValueError(f"COCO RLE of size {mask.shape} does not match its image size {(height, width)}")
-        return mask
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
-    for polygon in segmentation:
-        if len(polygon) >= 6:  # at least three points
-            draw.polygon([(float(polygon[i]), float(polygon[i + 1])) for i in range(0, len(polygon) - 1, 2)], fill=1)
-    return np.asarray(canvas, dtype=bool)
+        size = [int(v) for v in segmentation.get("size", ())]
+        if size != [height, width]:
+            raise ValueError(f"COCO RLE of size {size} does not match its image size {[height, width]}")
+        counts = segmentation.get("counts")
+        if isinstance(counts, list):
+            if sum(int(c) for c in counts) != height * width:
+                raise ValueError(f"COCO RLE runs sum to {sum(int(c) for c in counts)}, expected height*width = "
+                                 f"{height}*{width}")
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        elif isinstance(counts, (str, bytes)):
+            rle = {"size": size, "counts": counts.encode() if isinstance(counts, str) else counts}
+        else:
+            raise ValueError(f"COCO RLE counts must be a list or a string, got {type(counts).__name__}")
+        try:
+            return mask_utils.decode(rle).astype(bool)
+        except ValueError as error:
+            raise ValueError(f"COCO RLE {counts!r}: {error}") from None
+    polygons = [[float(v) for v in polygon] for polygon in segmentation if len(polygon) >= 6]  # >= three points
+    if not polygons:
+        return np.zeros((height, width), bool)
+    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))).astype(bool)
 
 
 def coco_outlier_items(annotation_file: str, image_dir: str, min_size: int = 480, keep_empty: bool = False

@@ -48,19 +48,12 @@ from transformers.utils import logging
 from mask2anomaly_eval.loop import evaluate_splits
 
 from .collate import LABEL_NAMES, TrainingCollator
-from .train import (
-    TrainingConfig,
-    build_model,
-    build_parser,
-    freeze_backbone,
-    backbone_of,
-    load_config,
-    parameter_groups,
-    poly_schedule,
-    resolve_mixed_precision,
-    resolve_tracker,
-    stage_data,
-)
+from .config import TrainingConfig, load_config
+from .loop import resolve_mixed_precision, resolve_tracker
+from .model import backbone_of, build_model, freeze_backbone
+from .optim import parameter_groups, poly_schedule
+from .sources import stage_data
+from .train import build_parser
 
 logger = logging.get_logger(__name__)
 
@@ -150,7 +143,7 @@ def build_trainer(config: TrainingConfig, output_dir: str | os.PathLike, stage: 
     model, processor = build_model(config, init_from)
     if settings.freeze_backbone:
         freeze_backbone(model)
-    train_dataset, transform, validation = stage_data(config, stage)
+    train_dataset, transform, validation = stage_data(config, stage, processor)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.learning_rate)
     scheduler = poly_schedule(optimizer, max_steps, settings.poly_power)

@@ -19,8 +19,9 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from modeling_mask2anomaly import OUTLIER_LABEL
+
 IGNORE_LABEL = 255
-OUTLIER_LABEL = 254
 SAMPLE_INDEX_COLUMN = "sample_index"
 
 

@@ -1,0 +1,59 @@
+"""``mask2anomaly-synthroad``: write a SynthRoad split as PNG files (numpy and PIL only: `--help` is instant)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .labels import SPLITS
+from .scenes import _check_arguments, iter_items
+
+
+def write_png_atomic(array: np.ndarray, path: str) -> None:
+    """Write `array` as a PNG at `path` so that `path` is either absent or complete: temp file, then rename."""
+    # The project's one atomic writer is in the model package, whose __init__ loads transformers and torch:
+    # imported when the first file is written, so that `--help` and argument errors stay instant.
+    from modeling_mask2anomaly.atomic_io import write_atomically
+
+    write_atomically(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`mask2anomaly-synthroad`: write a SynthRoad split as DIR/images/<stem>.png and DIR/labels/<stem>.png."""
+    parser = argparse.ArgumentParser(
+        prog="mask2anomaly-synthroad",
+        description="Generate SynthRoad, the synthetic road-scene data set used to train and test Mask2Anomaly on a CPU.")
+    parser.add_argument("--split", required=True, choices=SPLITS, help="which split to generate")
+    parser.add_argument("--num", required=True, type=int, help="number of items (indices 0..num-1)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed; same seed gives identical files")
+    parser.add_argument("--output-dir", required=True, help="folder that receives images/ and labels/")
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=512)
+    args = parser.parse_args(argv)
+    try:
+        _check_arguments(args.split, args.num, args.seed, args.height, args.width)
+    except ValueError as error:
+        parser.error(str(error))  # exits with status 2 and the usage line
+
+    image_dir = os.path.join(args.output_dir, "images")
+    label_dir = os.path.join(args.output_dir, "labels")
+    try:
+        os.makedirs(image_dir, exist_ok=True)
+        os.makedirs(label_dir, exist_ok=True)
+    except OSError as error:
+        parser.error(f"cannot create output folders under {args.output_dir!r}: {error}")
+    items = iter_items(args.split, args.num, args.seed, args.height, args.width)
+    for stem, image, label in tqdm(items, total=args.num, desc=f"SynthRoad {args.split}", unit="scene"):
+        write_png_atomic(image, os.path.join(image_dir, f"{stem}.png"))
+        write_png_atomic(label, os.path.join(label_dir, f"{stem}.png"))
+    print(f"wrote {args.num} {args.split} items ({args.height}x{args.width}, seed {args.seed}) to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

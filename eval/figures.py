@@ -63,9 +63,9 @@ def plot_curves(curve: Mapping[str, Sequence[float]], metrics: Mapping[str, Any]
     paths = Path(pr_path), Path(roc_path)
 
     figure, axes = plt.subplots(figsize=(5.2, 4.6))
-    axes.step(recall_line, precision_line, where="post", color="#1f4e9c", lw=1.8,
+    axes.step(recall_line, precision_line, where="pre", color="#1f4e9c", lw=1.8,
               label=f"PR curve (AuPRC {percent('auprc')})")
-    axes.fill_between(recall_line, precision_line, step="post", color="#1f4e9c", alpha=0.15)
+    axes.fill_between(recall_line, precision_line, step="pre", color="#1f4e9c", alpha=0.15)
     if marked and index95 < tpr.size:
         axes.plot([tpr[index95]], [precision[index95]], "o", color="#d62728", ms=7,
                   label=f"TPR {100 * fpr95_tpr:.1f}% point (FPR {percent('fpr95')})")

@@ -77,7 +77,7 @@ def one_process(setup):
     root, data, *_ = setup
     out = root / "out1"
     code, record = _run(["--model", str(root / "model"), "--benchmark", "synthroad", "--data-dir", str(data),
-                         "--output-dir", str(out), "--components", "--batch-size", "1"])
+                         "--output-dir", str(out), "--components", "--batch-size", "1", "--bootstrap", "20"])
     return code, record, out
 
 
@@ -141,7 +141,7 @@ def test_two_processes_equal_one(setup, one_process, tmp_path):
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mask2anomaly_eval.run",
          "--model", str(root / "model"), "--benchmark", "synthroad", "--data-dir", str(data),
-         "--output-dir", str(out), "--components", "--batch-size", "1"],
+         "--output-dir", str(out), "--components", "--batch-size", "1", "--bootstrap", "20"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -150,6 +150,10 @@ def test_two_processes_equal_one(setup, one_process, tmp_path):
     assert double["num_images"] == single["num_images"] == NUM_IMAGES
     assert double["metrics"] == pytest.approx(single["metrics"], abs=1e-12)
     assert double["pixel"]["num_pos"] == single["pixel"]["num_pos"]
+    # per-image rows and bootstrap intervals do not depend on the sharding either (rows merged in image order)
+    assert [row["name"] for row in double["per_image"]] == [row["name"] for row in single["per_image"]]
+    for key, interval in single["bootstrap"]["intervals"].items():
+        assert double["bootstrap"]["intervals"][key] == pytest.approx(interval, abs=1e-12, nan_ok=True), key
 
 
 def test_evaluate_model_api_on_in_memory_items(setup):

@@ -11,39 +11,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from mask2anomaly_eval.bootstrap import resample_indices
 from mask2anomaly_eval.compare import comparison_rows
 from mask2anomaly_eval.run import main
-from mask2anomaly_training.synthroad import main as synthroad_main
-from modeling_mask2anomaly import (
-    ANOMALY_SCORERS,
-    Mask2AnomalyConfig,
-    Mask2AnomalyForUniversalSegmentation,
-    Mask2AnomalyImageProcessor,
-    predict_anomaly,
-)
+from modeling_mask2anomaly import ANOMALY_SCORERS, Mask2AnomalyForUniversalSegmentation, predict_anomaly
+from tiny_models import synthroad_eval_setup
 
 NUM_IMAGES = 4
+SEED = 5
 NUM_RESAMPLES = 30
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("reports")
-    data = root / "synthroad"
-    assert synthroad_main(["--split", "anomaly", "--num", str(NUM_IMAGES), "--height", "64", "--width", "128",
-                           "--seed", "5", "--output-dir", str(data)]) == 0
-    torch.manual_seed(0)
-    model = Mask2AnomalyForUniversalSegmentation(Mask2AnomalyConfig.tiny()).eval()
-    processor = Mask2AnomalyImageProcessor(size={"shortest_edge": 64, "longest_edge": 128})
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    images = sorted((data / "images").glob("*.png"))
-    labels = [np.array(Image.open(data / "labels" / p.name)) for p in images]
+    data, model, processor, images, labels = synthroad_eval_setup(root, NUM_IMAGES, SEED)
     return root, data, model, processor, images, labels
 
 

@@ -17,7 +17,7 @@ Fishyscapes (the container interface)
     part of the input name before the first underscore (:func:`fishyscapes_frame_id`,
     `write_fishyscapes_frame`).
 
-`mask2anomaly-predict --format smiyc|fishyscapes` writes these trees for a folder of frames. Every file is written
+`mask2anomaly-predict --format smiyc|fishyscapes` writes these trees for a folder of frames (`SubmissionWriter`). Every file is written
 to a temporary name beside its target and renamed into place, so an interrupted run leaves no partial file.
 """
 
@@ -182,26 +182,6 @@ def fishyscapes_frame_id(image_path: str | os.PathLike) -> str:
     return match.group(1)
 
 
-def fishyscapes_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
-    """The inputs that follow ``DDDD_*.png``, and one problem line per other file or repeated ``DDDD``."""
-    kept: list[Path] = []
-    problems: list[str] = []
-    seen: dict[str, Path] = {}
-    for path in map(Path, paths):
-        try:
-            frame_id = fishyscapes_frame_id(path)
-        except ValueError as err:
-            problems.append(str(err))
-            continue
-        if frame_id in seen:
-            problems.append(f"{path}: frame {frame_id} was already given by {seen[frame_id]}; expected one input "
-                            "per DDDD")
-            continue
-        seen[frame_id] = path
-        kept.append(path)
-    return kept, problems
-
-
 def write_fishyscapes_frame(output_dir: str | os.PathLike, frame_id: str, anomaly_map: np.ndarray,
                             semantic_map: np.ndarray) -> tuple[Path, Path]:
     """Write ``DDDD_anomaly.npy`` ((H, W) float32) and ``DDDD_segmentation.npy`` ((H, W) integer class ids) into
@@ -222,6 +202,75 @@ def write_fishyscapes_frame(output_dir: str | os.PathLike, frame_id: str, anomal
     return paths
 
 
+# ------------------------------------------------------------------------------------------------ the predict CLI
+
+
+class SubmissionWriter:
+    """What `mask2anomaly-predict --format smiyc|fishyscapes` writes: picks the inputs the format accepts and
+    writes each prediction in the format's layout under ``output_dir``.
+
+    Args:
+        format: ``"smiyc"`` (``output_dir`` is the kit's ``DIR_OUTPUTS``; needs ``method`` and ``dataset``) or
+            ``"fishyscapes"`` (``output_dir`` is the container's ``/output``).
+    """
+
+    def __init__(self, format: SubmissionFormat, output_dir: str | os.PathLike, method: str | None = None,
+                 dataset: str | None = None) -> None:
+        if format not in SUBMISSION_FORMATS:
+            raise ValueError(f"--format {format!r}: expected one of {', '.join(SUBMISSION_FORMATS)}")
+        if format == "smiyc":
+            if not method or not dataset:
+                raise ValueError("--format smiyc needs --method NAME and --dataset NAME (one of "
+                                 f"{', '.join(SMIYC_DATASETS)})")
+            get_smiyc_dataset(dataset)
+            smiyc_output_path(output_dir, method, dataset, "x")  # checks the method name
+            _h5py()
+        self.format, self.output_dir, self.method, self.dataset = format, Path(output_dir), method, dataset
+        self.num_written = 0
+
+    def frame_id(self, image_path: str | os.PathLike) -> str:
+        if self.format == "fishyscapes":
+            return fishyscapes_frame_id(image_path)
+        return smiyc_frame_id(image_path, self.dataset)  # type: ignore[arg-type]
+
+    def select(self, paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+        """The inputs whose names give a frame id, each id once; one problem line per other input."""
+        kept: list[Path] = []
+        problems: list[str] = []
+        seen: dict[str, Path] = {}
+        for path in map(Path, paths):
+            try:
+                frame_id = self.frame_id(path)
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            if frame_id in seen:
+                problems.append(f"{path}: frame {frame_id} was already given by {seen[frame_id]}; expected one "
+                                "input per frame")
+                continue
+            seen[frame_id] = path
+            kept.append(path)
+        return kept, problems
+
+    def write(self, image_path: str | os.PathLike, anomaly_map: np.ndarray, semantic_map: np.ndarray) -> list[Path]:
+        """Write one prediction ((H, W) anomaly scores and class ids at the input's size); returns the paths."""
+        frame_id = self.frame_id(image_path)
+        if self.format == "fishyscapes":
+            paths = list(write_fishyscapes_frame(self.output_dir, frame_id, anomaly_map, semantic_map))
+        else:
+            paths = [write_smiyc_frame(self.output_dir, self.method, self.dataset, frame_id,  # type: ignore[arg-type]
+                                       anomaly_map)]
+        self.num_written += 1
+        return paths
+
+    def warnings(self) -> list[str]:
+        """What to tell the user at the end (a frame count the SMIYC kit will not accept)."""
+        if self.format == "smiyc":
+            warning = check_smiyc_frame_count(self.dataset, self.num_written)  # type: ignore[arg-type]
+            return [warning] if warning else []
+        return []
+
+
 __all__ = [
     "FISHYSCAPES_SUFFIXES",
     "SMIYC_DATASETS",
@@ -229,10 +278,10 @@ __all__ = [
     "SMIYC_GZIP_LEVEL",
     "SUBMISSION_FORMATS",
     "SmiycDataset",
+    "SubmissionWriter",
     "SubmissionFormat",
     "check_smiyc_frame_count",
     "fishyscapes_frame_id",
-    "fishyscapes_inputs",
     "get_smiyc_dataset",
     "read_smiyc_frame",
     "smiyc_frame_id",

@@ -5,9 +5,12 @@ metrics are those of the pooled pixels of the drawn images, each image counted a
 interval is the percentile interval of the resampled values (``2.5`` and ``97.5`` percentiles for 95 %).
 
 * Pixel metrics (AuPRC, FPR95, AUROC): in ``exact`` mode every image's distinct scores and per-class pixel counts
-  (its own exact accumulator) are placed once on the grid of all distinct scores; a resample's pooled counts are
-  then one weighted ``bincount`` and its metrics one sweep of :func:`exact_curve_metrics` — the values scikit-learn
-  gives on the concatenated pixels of the resample. In the SMIYC modes a resample merges the images' binned states.
+  (its own exact accumulator) are placed once on a common grid of score levels; a resample's pooled counts are then
+  one weighted sum of the images' count vectors and its metrics one sweep of :func:`exact_curve_metrics`. Up to
+  ``max_levels`` distinct scores in all, the levels are the scores and the values are those scikit-learn gives on
+  the concatenated pixels of the resample; beyond, the levels hold equal numbers of pixels (scores within one tie),
+  which keeps a resample's cost bounded at a rounding of about ``1 / max_levels``. The point estimate is always
+  exact. In the SMIYC modes a resample merges the images' binned states.
 * Component metrics (sIoU, PPV, mean F1): weighted sums of the images' component counts. The component threshold
   stays the one of the full evaluation (re-deriving it per resample would need the pixels again), so the interval
   covers the image sampling at that threshold.
@@ -31,6 +34,8 @@ from .metrics.exact import exact_curve_metrics
 PIXEL_KEYS: tuple[str, ...] = ("auprc", "fpr95", "auroc")
 COMPONENT_KEYS: tuple[str, ...] = ("siou", "ppv", "mean_f1")
 _SWEEP = 1 << 18
+# Score levels of the exact-mode bootstrap: up to this many distinct scores the resampled values are exact.
+DEFAULT_MAX_LEVELS = 1 << 14  # (images x levels) float64 per class: 256 MB at 1000 images
 
 
 def resample_indices(num_images: int, num_resamples: int, seed: int = 0) -> np.ndarray:
@@ -42,39 +47,55 @@ def resample_indices(num_images: int, num_resamples: int, seed: int = 0) -> np.n
 
 
 class _ExactResampler:
-    """Pooled exact pixel metrics of a weighted set of images, from the images' exact accumulators."""
+    """Pooled exact pixel metrics of a weighted set of images, from the images' exact accumulators.
 
-    def __init__(self, states: Sequence[PixelMetricAccumulator]) -> None:
+    Every image's counts are placed on one grid of score levels: the distinct scores of all images when there are
+    at most ``max_levels`` of them (the values are then exactly scikit-learn's), otherwise ``max_levels`` levels
+    holding about equal numbers of pixels (scores within a level tie, which moves AuPRC/AUROC/FPR95 by about
+    ``1 / max_levels``). A resample's pooled counts are a weighted sum of the images' (levels,) count vectors, and
+    its metrics one sweep of :func:`exact_curve_metrics` over the levels.
+    """
+
+    def __init__(self, states: Sequence[PixelMetricAccumulator], max_levels: int) -> None:
         dicts = [state.state_dict() for state in states]
-        values = [d[key] for d in dicts for key in ("pos_values", "neg_values")]
-        self.grid = np.unique(np.concatenate(values)) if values else np.zeros(0)
-        self.classes = []
+        grid = np.unique(np.concatenate([d[key] for d in dicts for key in ("pos_values", "neg_values")]))
+        level_of = np.arange(grid.size)
+        self.exact = grid.size <= max_levels
+        if not self.exact:
+            mass = np.zeros(grid.size, np.float64)
+            for d in dicts:
+                for key in ("pos", "neg"):
+                    mass += np.bincount(np.searchsorted(grid, d[f"{key}_values"]), weights=d[f"{key}_counts"],
+                                        minlength=grid.size)
+            # equal-mass levels from the cumulative pixel count; a level's threshold is its highest score
+            cumulative = np.cumsum(mass)
+            level_of = np.minimum((cumulative - mass) * max_levels // cumulative[-1], max_levels - 1).astype(np.int64)
+            level_of = np.unique(level_of, return_inverse=True)[1]
+        self.num_levels = int(level_of[-1]) + 1 if grid.size else 0
+        # a level's threshold: its highest score (the grid ascends)
+        self.thresholds = grid[np.append(np.flatnonzero(np.diff(level_of)), grid.size - 1)] if grid.size else grid
+        self.counts = []  # per class, (images, levels) float64
         for key in ("pos", "neg"):
-            index = np.concatenate([np.searchsorted(self.grid, d[f"{key}_values"]) for d in dicts])
-            owner = np.concatenate([np.full(d[f"{key}_values"].size, i) for i, d in enumerate(dicts)])
-            counts = np.concatenate([d[f"{key}_counts"] for d in dicts]).astype(np.float64)
-            totals = np.array([d[f"{key}_counts"].sum() for d in dicts], np.int64)
-            self.classes.append((index, owner, counts, totals))
-
-    def _pooled(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
-        pooled, totals = [], []
-        for index, owner, counts, class_totals in self.classes:
-            # counts * weights stay integers below 2**53, so float64 holds them exactly
-            pooled.append(np.bincount(index, weights=counts * weights[owner], minlength=self.grid.size))
-            totals.append(int(np.dot(class_totals, weights.astype(np.int64))))
-        return pooled[0], pooled[1], totals[0], totals[1]
+            table = np.zeros((len(dicts), self.num_levels), np.float64)
+            for i, d in enumerate(dicts):
+                table[i] = np.bincount(level_of[np.searchsorted(grid, d[f"{key}_values"])],
+                                       weights=d[f"{key}_counts"], minlength=self.num_levels)
+            self.counts.append(table)
 
     def __call__(self, weights: np.ndarray) -> dict[str, float]:
-        pos, neg, num_pos, num_neg = self._pooled(weights)
+        # counts and weights are integers, and their products stay below 2**53: float64 holds them exactly
+        weights = weights.astype(np.float64)
+        pos, neg = (weights @ table for table in self.counts)
+        num_pos, num_neg = int(round(pos.sum())), int(round(neg.sum()))
         if num_pos == 0 or num_neg == 0:
             return {key: math.nan for key in PIXEL_KEYS}
-        present = (pos > 0) | (neg > 0)  # scores only images left out of this resample have are no operating point
-        grid, pos, neg = self.grid[present], pos[present], neg[present]
+        present = (pos > 0) | (neg > 0)  # levels only left-out images have are no operating point
+        thresholds, pos, neg = self.thresholds[present], pos[present], neg[present]
 
         def chunks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-            for end in range(grid.size, 0, -_SWEEP):
+            for end in range(thresholds.size, 0, -_SWEEP):
                 part = slice(max(end - _SWEEP, 0), end)
-                yield grid[part][::-1], pos[part][::-1], neg[part][::-1]
+                yield thresholds[part][::-1], pos[part][::-1], neg[part][::-1]
 
         result = exact_curve_metrics(chunks(), num_pos, num_neg)
         return {key: float(result[key]) for key in PIXEL_KEYS}
@@ -118,6 +139,7 @@ def bootstrap_metrics(
     num_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    max_levels: int = DEFAULT_MAX_LEVELS,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Percentile bootstrap intervals of AuPRC, FPR95, AUROC (and sIoU, PPV, mean F1 with ``component_states``).
@@ -127,6 +149,8 @@ def bootstrap_metrics(
         component_states: one ``ComponentMetricAccumulator.state_dict()`` per image (same order, same threshold).
         num_resamples: number of resamples ``B``; seed: seed of :func:`resample_indices`.
         confidence: central coverage of the interval (0.95: the 2.5 and 97.5 percentiles).
+        max_levels: exact mode: most score levels a resample is swept over (see :class:`_ExactResampler`); the
+            result's ``exact`` says whether the distinct scores fitted (values then equal scikit-learn's).
 
     Returns:
         ``{"num_resamples", "seed", "confidence", "method": "percentile", "intervals": {metric: {"low", "high",
@@ -143,7 +167,7 @@ def bootstrap_metrics(
     if len(modes) != 1:
         raise ValueError(f"per-image accumulators in modes {sorted(modes)}; expected one mode")
     indices = resample_indices(len(pixel_states), num_resamples, seed)
-    pixel = _ExactResampler(pixel_states) if modes == {"exact"} else _binned_resampler(pixel_states)
+    pixel = _ExactResampler(pixel_states, max_levels) if modes == {"exact"} else _binned_resampler(pixel_states)
     component = _component_resampler(component_states) if component_states else None
     keys = PIXEL_KEYS + (COMPONENT_KEYS if component else ())
     values = {key: np.full(num_resamples, np.nan) for key in keys}
@@ -166,7 +190,8 @@ def bootstrap_metrics(
         else:
             intervals[key] = {"low": None, "high": None, "mean": None, "std": None, "num_defined": 0}
     return {"num_resamples": num_resamples, "seed": seed, "confidence": confidence, "method": "percentile",
-            "intervals": intervals, "values": {key: series.tolist() for key, series in values.items()}}
+            "exact": bool(getattr(pixel, "exact", True)),
+            "score_levels": getattr(pixel, "num_levels", None), "intervals": intervals, "values": {key: series.tolist() for key, series in values.items()}}
 
 
-__all__ = ["COMPONENT_KEYS", "PIXEL_KEYS", "bootstrap_metrics", "resample_indices"]
+__all__ = ["COMPONENT_KEYS", "DEFAULT_MAX_LEVELS", "PIXEL_KEYS", "bootstrap_metrics", "resample_indices"]

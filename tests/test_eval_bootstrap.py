@@ -115,3 +115,18 @@ def test_bad_bootstrap_arguments_say_what_is_wrong():
         resample_indices(0, 10)
     with pytest.raises(ValueError, match="confidence"):
         bootstrap_metrics([PixelMetricAccumulator()], confidence=95)
+
+
+def test_levels_bound_the_cost_and_stay_close_to_the_exact_resamples():
+    frames = _frames(seed=9, num=6, quantize=False)  # ~4800 distinct scores
+    records = [image_record(i, f"f{i}", s, l, keep_state=True) for i, (s, l) in enumerate(frames)]
+    exact = bootstrap_metrics([r.pixel_state for r in records], num_resamples=NUM_RESAMPLES, seed=2)
+    levelled = bootstrap_metrics([r.pixel_state for r in records], num_resamples=NUM_RESAMPLES, seed=2,
+                                 max_levels=512)
+    assert exact["exact"] and not levelled["exact"] and levelled["score_levels"] <= 512
+    naive = _naive_pixel(frames, resample_indices(len(frames), NUM_RESAMPLES, 2))
+    for key, expected in naive.items():
+        np.testing.assert_allclose(exact["values"][key], expected, rtol=1e-10, atol=1e-12)
+        # 512 equal-mass levels: ties within a level move each value by about 1/512
+        np.testing.assert_allclose(levelled["values"][key], expected, atol=0.01, err_msg=key)
+        assert not np.allclose(levelled["values"][key], expected, rtol=1e-10, atol=1e-12) or key == "fpr95"

@@ -126,10 +126,12 @@ def test_cli_bootstrap_equals_naive_resampling(setup, report):
         values["auroc"].append(roc_auc_score(y, s))
         values["fpr95"].append(fpr[np.argmax(tpr >= 0.95)])
     intervals = record["bootstrap"]["intervals"]
+    # exact when the distinct scores fit the bootstrap's score levels, else within the levels' rounding
+    tolerance = 1e-6 if record["bootstrap"]["exact"] else 2e-3
     for key, series in values.items():
         low, high = np.percentile(series, [2.5, 97.5])
-        assert intervals[key]["low"] == pytest.approx(low, abs=1e-6), key
-        assert intervals[key]["high"] == pytest.approx(high, abs=1e-6), key
+        assert intervals[key]["low"] == pytest.approx(low, abs=tolerance), key
+        assert intervals[key]["high"] == pytest.approx(high, abs=tolerance), key
         assert intervals[key]["num_defined"] == len(series)
     assert "bootstrap intervals" in (report[0] / "synthroad.md").read_text()
 

@@ -191,7 +191,8 @@ def bootstrap_metrics(
             intervals[key] = {"low": None, "high": None, "mean": None, "std": None, "num_defined": 0}
     return {"num_resamples": num_resamples, "seed": seed, "confidence": confidence, "method": "percentile",
             "exact": bool(getattr(pixel, "exact", True)),
-            "score_levels": getattr(pixel, "num_levels", None), "intervals": intervals, "values": {key: series.tolist() for key, series in values.items()}}
+            "score_levels": getattr(pixel, "num_levels", None), "intervals": intervals,
+            "values": {key: series.tolist() for key, series in values.items()}}
 
 
 __all__ = ["COMPONENT_KEYS", "DEFAULT_MAX_LEVELS", "PIXEL_KEYS", "bootstrap_metrics", "resample_indices"]

@@ -103,7 +103,7 @@ def write_heatmaps(entries: Sequence[tuple[float, int, str, np.ndarray, np.ndarr
         vmin, vmax = default_score_range(anomaly_map, scorer)
         picture = render_heatmap(image, anomaly_map, vmin, vmax, threshold=threshold)
         path = output_dir / f"{prefix}-{rank}-{Path(name).stem}.png"
-        write_atomically(path, lambda stream: picture.save(stream, format="PNG"))
+        write_atomically(path, lambda stream, picture=picture: picture.save(stream, format="PNG"))
         paths.append(path)
     return paths
 

@@ -42,8 +42,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from modeling_mask2anomaly import ANOMALY_SCORERS, Mask2AnomalyImageProcessor, load_image
-from modeling_mask2anomaly.inference import _input_placement, batches_of_equal_size, predict_batch_scorers
 from modeling_mask2anomaly.image_processing_mask2anomaly import to_rgb_uint8
+from modeling_mask2anomaly.inference import _input_placement, batches_of_equal_size, predict_batch_scorers
 
 from .bootstrap import bootstrap_metrics
 from .io import read_label_png
@@ -290,9 +290,10 @@ def evaluate_scorers(
     failures: list[dict[str, str]] = []
     # without a given threshold, the components wait for the merged pixel curve: each shard's maps are kept
     two_pass = components and anomaly_threshold is None
+    one_pass_components = components and not two_pass
     runs = {
         scorer: _ScorerRun(PixelMetricAccumulator(mode),
-                           ComponentMetricAccumulator(track, anomaly_threshold) if components and not two_pass else None,
+                           ComponentMetricAccumulator(track, anomaly_threshold) if one_pass_components else None,
                            extremes=ExtremeImages(visualize))
         for scorer in scorers
     }

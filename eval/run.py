@@ -50,7 +50,6 @@ from accelerate import PartialState
 from accelerate.logging import get_logger
 
 from modeling_mask2anomaly.atomic_io import write_text_atomically
-from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
 from modeling_mask2anomaly.inference import load_model_and_processor
 from modeling_mask2anomaly.scorers import ANOMALY_SCORERS
 
@@ -188,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of evaluating: one table (comparison.md, comparison.csv) of these result "
                              "records, models x benchmarks x scorers")
     parser.add_argument("--mode", choices=("exact", "smiyc"), default="exact",
-                        help="pixel metrics: exact (scikit-learn values) or smiyc (the benchmark's binned curve; default: %(default)s)")
+                        help="pixel metrics: exact (scikit-learn values) or smiyc (the benchmark's binned curve; "
+                             "default: %(default)s)")
     parser.add_argument("--components", action="store_true", help="also compute sIoU, PPV and mean F1")
     parser.add_argument("--track", choices=tuple(TRACK_SIZE_THRESHOLDS), default=None,
                         help="component track (size thresholds); default: the benchmark's (obstacle for smiyc_ro21), "

@@ -17,8 +17,9 @@ Fishyscapes (the container interface)
     part of the input name before the first underscore (:func:`fishyscapes_frame_id`,
     `write_fishyscapes_frame`).
 
-`mask2anomaly-predict --format smiyc|fishyscapes` writes these trees for a folder of frames (`SubmissionWriter`). Every file is written
-to a temporary name beside its target and renamed into place, so an interrupted run leaves no partial file.
+`mask2anomaly-predict --format smiyc|fishyscapes` writes these trees for a folder of frames (`SubmissionWriter`).
+Every file is written to a temporary name beside its target and renamed into place, so an interrupted run leaves no
+partial file.
 """
 
 from __future__ import annotations

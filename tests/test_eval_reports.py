@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from tiny_models import synthroad_eval_setup
 
 from mask2anomaly_eval.bootstrap import resample_indices
 from mask2anomaly_eval.compare import comparison_rows
 from mask2anomaly_eval.run import main
 from modeling_mask2anomaly import ANOMALY_SCORERS, Mask2AnomalyForUniversalSegmentation, predict_anomaly
-from tiny_models import synthroad_eval_setup
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 NUM_IMAGES = 4
 SEED = 5

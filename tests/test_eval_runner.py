@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from tiny_models import synthroad_eval_setup
 
-from mask2anomaly_eval.metrics import ComponentMetricAccumulator
 from mask2anomaly_eval.loop import evaluate
+from mask2anomaly_eval.metrics import ComponentMetricAccumulator
 from mask2anomaly_eval.run import main
 from modeling_mask2anomaly import predict_anomaly
-from tiny_models import synthroad_eval_setup
 
 NUM_IMAGES = 3
 SEED = 3

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import random_image, save_tiny_model
 
 from mask2anomaly_eval.submission import (
     SubmissionWriter,
@@ -22,7 +23,6 @@ from mask2anomaly_eval.submission import (
 from modeling_mask2anomaly import predict_anomaly
 from modeling_mask2anomaly.inference import load_model_and_processor
 from modeling_mask2anomaly.predict import main as predict_main
-from tiny_models import random_image, save_tiny_model
 
 
 def test_smiyc_file_matches_the_kit_and_reads_back_within_float16(tmp_path):
@@ -110,6 +110,8 @@ def _image(path, height, width, seed):
     Image.fromarray(random_image(height, width, seed)).save(path)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")
 def test_predict_fishyscapes_layout(tiny_folder, tmp_path):
     inputs = tmp_path / "input"
     inputs.mkdir()
@@ -133,6 +135,8 @@ def test_predict_fishyscapes_layout(tiny_folder, tmp_path):
     assert code == 1 and len(list((tmp_path / "output2").iterdir())) == 4
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")
 def test_predict_smiyc_tree_reads_back_as_the_maps(tiny_folder, tmp_path, capsys):
     images = tmp_path / "dataset_AnomalyTrack" / "images"
     images.mkdir(parents=True)

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-
 VOID_LABEL = 255
 TPR_TARGET = 0.95
 

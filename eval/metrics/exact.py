@@ -7,13 +7,13 @@ of pixels. Used through :class:`~mask2anomaly_eval.metrics.PixelMetricAccumulato
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from transformers.utils import logging
 
 from .common import TPR_TARGET, CurvePoints
-
 
 logger = logging.get_logger(__name__)
 

@@ -18,14 +18,14 @@ public class; each mode's state lives in its own module. Three modes:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import numpy as np
 
 from .common import check_frame, split_by_class, to_numpy
 from .exact import _ExactState
 from .smiyc import _SmiycDynamicState, _SmiycUniformState
-
 
 PixelMode = Literal["exact", "smiyc", "smiyc_uniform"]
 PIXEL_MODES: tuple[str, ...] = ("exact", "smiyc", "smiyc_uniform")

@@ -12,7 +12,6 @@ import numpy as np
 
 from .common import TPR_TARGET, CurvePoints
 
-
 # SegmentMeIfYouCan `PixBinaryClass` / `PixBinaryClass-uniThr` settings (metrics/pixel_classification.py).
 SMIYC_DYNAMIC_BINS = 768
 SMIYC_UNIFORM_BINS = 4096

@@ -18,8 +18,21 @@ benchmark reader's: ``obstacle`` for RoadObstacle21, ``anomaly`` otherwise.
 
 Items that cannot be evaluated (unreadable image or label, label values other than 0/1/255, label size different
 from the image's) are reported with the reason and skipped; the run goes on and exits with status 1 at the end.
-Outputs: ``<output-dir>/<benchmark>.json`` (metrics as fractions, model, benchmark, options, image counts,
-failures, timing) and ``<output-dir>/<benchmark>.md`` (a markdown table), each written atomically.
+
+Outputs in ``--output-dir``, each written atomically, with ``<stem>`` = ``<benchmark>`` (``<benchmark>-<scorer>``
+per scorer with ``--anomaly-scorer all``, which scores every registered scorer from one pass over the frames):
+
+- ``<stem>.json``: metrics as fractions, model, benchmark, options, image counts, failures, timing, the per-image
+  rows and, with ``--bootstrap N``, 95 % percentile intervals from ``N`` seeded resamples of the images;
+- ``<stem>.md``: a markdown report (metrics table, intervals, the pictures and tables below);
+- ``<stem>_per_image.csv``: per image its score statistics, anomalous area and per-image AuPRC/FPR95/AUROC;
+- ``<stem>_pr.png``, ``<stem>_roc.png`` and ``<stem>_curve.csv``: the pooled PR and ROC curves (unless
+  ``--no-curves``; the PNGs need matplotlib, from the ``[eval]`` extra);
+- ``<stem>_heatmaps/{worst,best}-<rank>-<image>.png`` with ``--visualize K``: the K images with the lowest and the
+  highest per-image AuPRC.
+
+``mask2anomaly-eval --compare results/*.json`` instead reads result records and writes one table of models x
+benchmarks x scorers (``comparison.md`` and ``comparison.csv`` in ``--output-dir``), also printed.
 """
 
 from __future__ import annotations
@@ -37,12 +50,11 @@ from accelerate import PartialState
 from accelerate.logging import get_logger
 
 from modeling_mask2anomaly.atomic_io import write_text_atomically
-from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
 from modeling_mask2anomaly.inference import load_model_and_processor
 from modeling_mask2anomaly.scorers import ANOMALY_SCORERS
 
 from .datasets import BENCHMARKS, get_benchmark
-from .loop import COMPONENT_METRICS, PIXEL_METRICS, evaluate
+from .loop import COMPONENT_METRICS, PIXEL_METRICS, evaluate_scorers
 from .metrics import TRACK_SIZE_THRESHOLDS
 
 logger = get_logger(__name__)
@@ -77,15 +89,83 @@ def results_markdown(record: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(record: Mapping[str, Any], output_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``<benchmark>.json`` and ``<benchmark>.md`` into ``output_dir`` (atomically); return their paths."""
+def write_results(record: Mapping[str, Any], output_dir: str | os.PathLike, stem: str | None = None,
+                  extra_markdown: str = "") -> tuple[Path, Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` (stem: the benchmark name) into ``output_dir`` (atomically);
+    return their paths. ``extra_markdown`` is appended to the report (the files section)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / f"{record['benchmark']}.json"
-    markdown_path = output_dir / f"{record['benchmark']}.md"
+    stem = stem or record["benchmark"]
+    json_path = output_dir / f"{stem}.json"
+    markdown_path = output_dir / f"{stem}.md"
     write_text_atomically(json_path, json.dumps(record, indent=2, allow_nan=False) + "\n")
-    write_text_atomically(markdown_path, results_markdown(record))
+    write_text_atomically(markdown_path, results_markdown(record) + extra_markdown)
     return json_path, markdown_path
+
+
+def intervals_markdown(record: Mapping[str, Any]) -> str:
+    """The bootstrap intervals of a record as a markdown table row block (empty without a bootstrap)."""
+    bootstrap = record.get("bootstrap")
+    if not bootstrap:
+        return ""
+    intervals = bootstrap["intervals"]
+    keys = [(key, name) for key, name in PIXEL_METRICS + COMPONENT_METRICS if key in intervals]
+    cells = []
+    for key, _ in keys:
+        low, high = intervals[key]["low"], intervals[key]["high"]
+        cells.append("–" if low is None else f"[{100 * low:.2f}, {100 * high:.2f}]")
+    return "\n".join([
+        "", f"{100 * bootstrap['confidence']:.0f} % bootstrap intervals ({bootstrap['num_resamples']} resamples of "
+        f"the images, seed {bootstrap['seed']}, percentile method; components at the full set's threshold):", "",
+        "| " + " | ".join(name for _, name in keys) + " |", "|" + "---|" * len(keys), "| " + " | ".join(cells) + " |",
+    ]) + "\n"
+
+
+def write_figures(result: Mapping[str, Any], output_dir: Path, stem: str, title: str, scorer: str,
+                  threshold: float | None) -> tuple[list[Path], str]:
+    """Write the per-image CSV, the curve PNGs and CSV and the heatmaps that ``result`` holds; return their paths
+    and the markdown section that lists them."""
+    from .per_image import per_image_csv
+
+    lines = ["", "Files:", ""]
+    written: list[Path] = []
+    if "per_image" in result:
+        path = output_dir / f"{stem}_per_image.csv"
+        write_text_atomically(path, per_image_csv(result["per_image"]))
+        written.append(path)
+        lines.append(f"- per-image table: [{path.name}]({path.name})")
+    curve = result.get("curve")
+    if curve:
+        path = output_dir / f"{stem}_curve.csv"
+        rows = zip(curve["thresholds"], curve["tpr"], curve["fpr"], curve["precision"])
+        write_text_atomically(path, "threshold,tpr,fpr,precision\n" + "".join(
+            f"{t:.9g},{a:.9g},{b:.9g},{c:.9g}\n" for t, a, b, c in rows))
+        written.append(path)
+        lines.append(f"- pooled curve points: [{path.name}]({path.name})")
+        try:
+            from .figures import plot_curves
+
+            metrics = dict(result["metrics"], fpr95_tpr=result["pixel"].get("fpr95_tpr"))
+            pr_path, roc_path = plot_curves(curve, metrics, title, output_dir / f"{stem}_pr.png",
+                                            output_dir / f"{stem}_roc.png")
+        except ImportError as err:
+            logger.warning(f"no curve pictures: {err}", main_process_only=True)
+        else:
+            written += [pr_path, roc_path]
+            lines += ["", f"![PR curve]({pr_path.name}) ![ROC curve]({roc_path.name})", ""]
+    extremes = result.get("extreme_images")
+    if extremes:
+        from .figures import write_heatmaps
+
+        folder = output_dir / f"{stem}_heatmaps"
+        for label, entries in zip(("worst", "best"), extremes):
+            paths = write_heatmaps(entries, folder, label, scorer, threshold)
+            written += paths
+            if paths:
+                listed = ", ".join(f"[{Path(entry[2]).name}]({folder.name}/{path.name}) (AuPRC {100 * entry[0]:.1f})"
+                                   for entry, path in zip(entries, paths))
+                lines.append(f"- {label} images by per-image AuPRC: {listed}")
+    return written, "\n".join(lines) + "\n" if len(lines) > 3 else ""
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -96,26 +176,39 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mask2anomaly-eval",
         description="Evaluate a Mask2Anomaly model on an anomaly-segmentation benchmark (AuPRC, FPR95, AUROC and "
                     "optionally SegmentMeIfYouCan component metrics). Multi-process with `accelerate launch`.")
-    parser.add_argument("--model", required=True, help="model folder or Hub id")
-    parser.add_argument("--benchmark", required=True, help="benchmark name (e.g. smiyc_ra21, fs_lostandfound, "
-                        "road_anomaly, synthroad)")
-    parser.add_argument("--data-dir", required=True, help="the benchmark's local folder, in its official layout")
-    parser.add_argument("--output-dir", default="outputs/eval", help="receives <benchmark>.json and <benchmark>.md")
+    parser.add_argument("--model", help="model folder or Hub id (required unless --compare)")
+    parser.add_argument("--benchmark", help="benchmark name (e.g. smiyc_ra21, fs_lostandfound, road_anomaly, "
+                        "synthroad; required unless --compare)")
+    parser.add_argument("--data-dir", help="the benchmark's local folder, in its official layout (required unless "
+                        "--compare)")
+    parser.add_argument("--output-dir", default="outputs/eval",
+                        help="receives <benchmark>.json, .md, the per-image CSV and the curves (default: %(default)s)")
+    parser.add_argument("--compare", nargs="+", metavar="JSON", default=None,
+                        help="instead of evaluating: one table (comparison.md, comparison.csv) of these result "
+                             "records, models x benchmarks x scorers")
     parser.add_argument("--mode", choices=("exact", "smiyc"), default="exact",
-                        help="pixel metrics: exact (scikit-learn values) or smiyc (the benchmark's binned curve)")
+                        help="pixel metrics: exact (scikit-learn values) or smiyc (the benchmark's binned curve; "
+                             "default: %(default)s)")
     parser.add_argument("--components", action="store_true", help="also compute sIoU, PPV and mean F1")
     parser.add_argument("--track", choices=tuple(TRACK_SIZE_THRESHOLDS), default=None,
                         help="component track (size thresholds); default: the benchmark's (obstacle for smiyc_ro21), "
                              "e.g. obstacle for SynthRoad's obstacle split")
     parser.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
     parser.add_argument("--no-refine", action="store_true", help="disable mask refinement")
-    parser.add_argument("--anomaly-scorer", "--scorer", dest="anomaly_scorer", choices=ANOMALY_SCORERS, default=None,
-                        help="anomaly scorer (default: the processor's anomaly_scorer)")
+    parser.add_argument("--anomaly-scorer", "--scorer", dest="anomaly_scorer", choices=ANOMALY_SCORERS + ("all",),
+                        default=None, help="anomaly scorer; 'all' scores every registered scorer from one pass over "
+                                           "the frames (default: the processor's anomaly_scorer)")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="95%% intervals from N resamples of the images (0: none; default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default: %(default)s)")
+    parser.add_argument("--visualize", type=int, default=0, metavar="K",
+                        help="heatmaps of the K worst and K best images by per-image AuPRC (default: %(default)s)")
+    parser.add_argument("--no-curves", action="store_true", help="do not write the PR/ROC curve PNGs and CSV")
     parser.add_argument("--anomaly-threshold", type=float, default=None,
                         help="with --components: score components at score > THRESHOLD instead of the pixel "
                              "curve's best-F1 threshold (the official protocol)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (default: all)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is available")
     return parser
 
@@ -129,14 +222,42 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+CURVE_POINTS = 1000
+
+
+def run_compare(paths: Sequence[str], output_dir: str | os.PathLike) -> int:
+    """`--compare`: print and write the comparison table of result records; 2 when a file is not a record."""
+    from .compare import compare_files, comparison_csv, comparison_markdown
+
+    try:
+        rows = compare_files(paths)
+    except ValueError as err:
+        print(f"mask2anomaly-eval: {err}", file=sys.stderr)
+        return 2
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    markdown = comparison_markdown(rows)
+    write_text_atomically(output_dir / "comparison.md", markdown)
+    write_text_atomically(output_dir / "comparison.csv", comparison_csv(rows))
+    print(markdown, end="")
+    print(f"{len(rows)} result(s) -> {output_dir / 'comparison.md'}, {output_dir / 'comparison.csv'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `mask2anomaly-eval`; returns 0, or 1 when some items failed (2 for usage errors)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size}: expected at least 1")
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit {args.limit}: expected at least 1")
+    if args.compare is not None:
+        return run_compare(args.compare, args.output_dir)
+    missing = [flag for flag, value in (("--model", args.model), ("--benchmark", args.benchmark),
+                                        ("--data-dir", args.data_dir)) if not value]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (or --compare JSON ...)")
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
+                               ("--bootstrap", args.bootstrap, 0), ("--visualize", args.visualize, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} {value}: expected at least {least}")
     if args.anomaly_threshold is not None and not args.components:
         parser.error("--anomaly-threshold is the component-metric threshold; it needs --components")
     state = PartialState(cpu=args.cpu or not _has_accelerator())
@@ -147,29 +268,51 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     model, processor = load_model_and_processor(args.model, state.device)
+    all_scorers = args.anomaly_scorer == "all"
+    scorers = list(ANOMALY_SCORERS) if all_scorers else [args.anomaly_scorer or processor.anomaly_scorer]
     try:
-        result = evaluate(
-            model, processor, benchmark, mode=args.mode, components=args.components, track=benchmark.track,
+        results = evaluate_scorers(
+            model, processor, benchmark, scorers, mode=args.mode, components=args.components, track=benchmark.track,
             flip_tta=False if args.no_flip else None, refine=False if args.no_refine else None,
-            scorer=args.anomaly_scorer, anomaly_threshold=args.anomaly_threshold, batch_size=args.batch_size,
+            anomaly_threshold=args.anomaly_threshold, batch_size=args.batch_size,
             limit=args.limit, accelerator=state, skip_without_anomaly=benchmark.skip_without_anomaly,
+            per_image=True, bootstrap=args.bootstrap, seed=args.seed,
+            curve_points=0 if args.no_curves else CURVE_POINTS, visualize=args.visualize,
         )
     except ValueError as err:
         print(f"mask2anomaly-eval: {err}", file=sys.stderr)
         return 1
-    record = {"model": args.model, "benchmark": args.benchmark,
-              "benchmark_name": BENCHMARKS[args.benchmark].title,
-              "data_dir": os.path.abspath(args.data_dir), "mode": args.mode, **result}
+    failures = next(iter(results.values()))["failures"]
     if state.is_main_process:
-        json_path, markdown_path = write_results(record, args.output_dir)
-        summary = ", ".join(f"{name} {100 * record['metrics'][key]:.2f}" for key, name in
-                            PIXEL_METRICS + COMPONENT_METRICS if record["metrics"].get(key) is not None)
-        print(f"{args.benchmark}: {record['num_images']}/{record['num_items']} images, {summary} (%) "
-              f"in {record['timing']['total_seconds']:.1f}s -> {json_path}, {markdown_path}")
-        for failure in record["failures"]:
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        json_paths = []
+        for scorer, result in results.items():
+            stem = f"{args.benchmark}-{scorer}" if all_scorers else args.benchmark
+            title = f"{BENCHMARKS[args.benchmark].title}, {scorer}"
+            _, files_markdown = write_figures(result, output_dir, stem, title, scorer, processor.anomaly_threshold)
+            record = {"model": args.model, "benchmark": args.benchmark,
+                      "benchmark_name": BENCHMARKS[args.benchmark].title,
+                      "data_dir": os.path.abspath(args.data_dir), "mode": args.mode,
+                      **{key: value for key, value in result.items() if key not in ("curve", "extreme_images")}}
+            json_path, markdown_path = write_results(record, output_dir, stem,
+                                                     intervals_markdown(record) + files_markdown)
+            json_paths.append(json_path)
+            summary = ", ".join(f"{name} {100 * record['metrics'][key]:.2f}" for key, name in
+                                PIXEL_METRICS + COMPONENT_METRICS if record["metrics"].get(key) is not None)
+            print(f"{args.benchmark} ({scorer}): {record['num_images']}/{record['num_items']} images, {summary} (%) "
+                  f"in {record['timing']['total_seconds']:.1f}s -> {json_path}, {markdown_path}")
+        if all_scorers:
+            from .compare import compare_files, comparison_csv, comparison_markdown
+
+            rows = compare_files(json_paths)
+            write_text_atomically(output_dir / f"{args.benchmark}-scorers.md", comparison_markdown(rows))
+            write_text_atomically(output_dir / f"{args.benchmark}-scorers.csv", comparison_csv(rows))
+            print(comparison_markdown(rows), end="")
+        for failure in failures:
             print(f"failed: {failure['error']}", file=sys.stderr)
     state.wait_for_everyone()
-    return 1 if record["failures"] else 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

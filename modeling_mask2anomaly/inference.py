@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -145,6 +145,26 @@ def predict_batch(
     Predictions for one batch of (H, W, 3) uint8 RGB `images` of one processed size (as `batches_of_equal_size`
     forms them): one forward pass (two with flip TTA) and one post-processing pass. `model` must be in eval mode.
     """
+    by_scorer = predict_batch_scorers(model, image_processor, images, flip_tta, (scorer,), refine=refine,
+                                      device=device, dtype=dtype, do_resize=do_resize)
+    return [predictions[scorer] for predictions in by_scorer]
+
+
+def predict_batch_scorers(
+    model: torch.nn.Module,
+    image_processor: Mask2AnomalyImageProcessor,
+    images: Sequence[np.ndarray],
+    flip_tta: bool,
+    scorers: Sequence[str | None],
+    refine: bool | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    do_resize: bool | None = None,
+) -> list[dict[str | None, AnomalyPrediction]]:
+    """
+    `predict_batch` for several scorers sharing the forward pass: per image, ``{scorer: AnomalyPrediction}``, one
+    post-processing pass per scorer (None = the processor's `anomaly_scorer`).
+    """
     do_resize = image_processor.do_resize if do_resize is None else bool(do_resize)
     original_sizes = [image.shape[:2] for image in images]
     processed_sizes = [image_processor.processed_size(size, do_resize) for size in original_sizes]
@@ -161,16 +181,18 @@ def predict_batch(
     outputs = forward(images)
     # the official script flips the original image (before resizing), not the padded tensor
     flipped = forward([np.ascontiguousarray(image[:, ::-1]) for image in images]) if flip_tta else None
-    maps = image_processor.post_process_anomaly_and_semantic(
-        outputs, original_sizes, flipped_outputs=flipped, refine=refine, scorer=scorer, image_sizes=processed_sizes
-    )
-    predictions = []
-    for item in maps:
-        semantic = item.semantic_map.cpu().numpy()
-        if semantic.size == 0 or semantic.max() <= 255:
-            semantic = semantic.astype(np.uint8)
-        predictions.append(AnomalyPrediction(item.anomaly_map.float().cpu().numpy(), semantic))
-    return predictions
+    results: list[dict[str | None, AnomalyPrediction]] = [{} for _ in images]
+    for scorer in scorers:
+        maps = image_processor.post_process_anomaly_and_semantic(
+            outputs, original_sizes, flipped_outputs=flipped, refine=refine, scorer=scorer,
+            image_sizes=processed_sizes,
+        )
+        for result, item in zip(results, maps):
+            semantic = item.semantic_map.cpu().numpy()
+            if semantic.size == 0 or semantic.max() <= 255:
+                semantic = semantic.astype(np.uint8)
+            result[scorer] = AnomalyPrediction(item.anomaly_map.float().cpu().numpy(), semantic)
+    return results
 
 
 def iter_predict_anomaly(
@@ -253,5 +275,6 @@ __all__ = [
     "load_model_and_processor",
     "predict_anomaly",
     "predict_batch",
+    "predict_batch_scorers",
     "resolve_device",
 ]

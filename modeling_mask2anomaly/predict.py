@@ -15,6 +15,11 @@ Images are read lazily (converted to RGB once, by `load_image`) and predicted up
 images there are; only consecutive images of the same processed size share a batch, so the maps do not depend on
 `--batch-size`. The processor resizes to shortest side 1024 / longest 2048 unless `--no-resize`.
 
+With `--format smiyc --method NAME --dataset AnomalyTrack-test` (or another dataset of the SegmentMeIfYouCan kit) it
+writes instead the kit's per-frame files, `<output-dir>/anomaly_p/NAME/<dataset folder>/<frame id>.hdf5`, and with
+`--format fishyscapes` the Fishyscapes container's `<output-dir>/DDDD_anomaly.npy` and `DDDD_segmentation.npy` for
+inputs named `DDDD_*.png` (`mask2anomaly_eval.submission`).
+
 Flags are named as the processor settings they override: `--anomaly-scorer` (`anomaly_scorer`; alias `--scorer`)
 and `--anomaly-threshold` (`anomaly_threshold`; alias `--threshold`).
 """
@@ -48,6 +53,7 @@ from .scorers import ANOMALY_SCORERS, DEFAULT_SCORER, SCORERS, get_scorer
 from .visualize import anomaly_summary, default_score_range, render_heatmap, render_semantic
 
 OUTPUT_SUFFIXES: tuple[str, ...] = ("_anomaly.npy", "_heatmap.png", "_semantic.png")
+OUTPUT_FORMATS: tuple[str, ...] = ("default", "smiyc", "fishyscapes")
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -196,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the processor's anomaly_threshold for its own scorer, the scorer's default "
                              "for another one: " + ", ".join(f"{name} {scorer.default_threshold:g}"
                                                             for name, scorer in SCORERS.items()) + ")")
+    parser.add_argument("--format", choices=OUTPUT_FORMATS, default="default",
+                        help="default: .npy + heatmap + semantic PNG per image; smiyc: the SegmentMeIfYouCan kit's "
+                             "<output-dir>/anomaly_p/<method>/<dataset>/<frame>.hdf5; fishyscapes: "
+                             "<output-dir>/DDDD_anomaly.npy and DDDD_segmentation.npy for inputs DDDD_*.png "
+                             "(default: %(default)s)")
+    parser.add_argument("--method", default=None, help="with --format smiyc: the method name of the output tree")
+    parser.add_argument("--dataset", default=None,
+                        help="with --format smiyc: the kit's dataset, e.g. AnomalyTrack-test, ObstacleTrack-test, "
+                             "LostAndFound-testNoKnown")
     return parser
 
 
@@ -231,8 +246,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mask2anomaly-predict: {err}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir)
+    submission = None
+    if args.format != "default":
+        # benchmark submission layouts: the writers live with the evaluation code
+        from mask2anomaly_eval.submission import SubmissionWriter
+
+        try:
+            submission = SubmissionWriter(args.format, output_dir, args.method, args.dataset)
+        except (ValueError, ImportError) as err:
+            print(f"mask2anomaly-predict: {err}", file=sys.stderr)
+            return 2
     output_dir.mkdir(parents=True, exist_ok=True)
     paths, problems = collect_inputs(args.inputs, exclude_dir=output_dir)
+    if submission is not None:
+        paths, skipped = submission.select(paths)
+        problems += skipped
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not paths:
@@ -274,7 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         for item, prediction in zip(batch, predictions):
             try:
-                write_outputs(output_dir, item.stem, item.image, prediction, scorer, threshold)
+                if submission is not None:
+                    submission.write(item.path, prediction.anomaly_map, prediction.semantic_map)
+                else:
+                    write_outputs(output_dir, item.stem, item.image, prediction, scorer, threshold)
             except (OSError, ValueError) as err:
                 report(item.path, f"could not write its outputs to {output_dir} ({err})")
                 continue
@@ -282,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.update(1)
         del predictions, batch
     progress.close()
+    for warning in submission.warnings() if submission is not None else ():
+        print(f"warning: {warning}", file=sys.stderr)
     if failures:
         print(f"mask2anomaly-predict: {failures} input(s) failed; outputs of the others are in {output_dir}",
               file=sys.stderr)

@@ -17,9 +17,9 @@ from mask2anomaly_eval.io import read_label_png
 from mask2anomaly_eval.loop import evaluate, evaluate_splits
 from mask2anomaly_eval.metrics import ComponentMetricAccumulator
 from mask2anomaly_eval.run import build_parser
-from mask2anomaly_training.synthroad import main as synthroad_main
 from mask2anomaly_training.config import load_config
 from mask2anomaly_training.sources import load_source
+from mask2anomaly_training.synthroad import main as synthroad_main
 from modeling_mask2anomaly import (
     Mask2AnomalyConfig,
     Mask2AnomalyForUniversalSegmentation,

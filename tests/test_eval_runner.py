@@ -12,37 +12,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from tiny_models import synthroad_eval_setup
 
-from mask2anomaly_eval.metrics import ComponentMetricAccumulator
 from mask2anomaly_eval.loop import evaluate
+from mask2anomaly_eval.metrics import ComponentMetricAccumulator
 from mask2anomaly_eval.run import main
-from mask2anomaly_training.synthroad import main as synthroad_main
-from modeling_mask2anomaly import (
-    Mask2AnomalyConfig,
-    Mask2AnomalyForUniversalSegmentation,
-    Mask2AnomalyImageProcessor,
-    predict_anomaly,
-)
+from modeling_mask2anomaly import predict_anomaly
 
 NUM_IMAGES = 3
+SEED = 3
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("runner")
-    data = root / "synthroad"
-    assert synthroad_main(["--split", "anomaly", "--num", str(NUM_IMAGES), "--height", "64", "--width", "128",
-                           "--seed", "3", "--output-dir", str(data)]) == 0
-    torch.manual_seed(0)
-    model = Mask2AnomalyForUniversalSegmentation(Mask2AnomalyConfig.tiny()).eval()
-    processor = Mask2AnomalyImageProcessor(size={"shortest_edge": 64, "longest_edge": 128})
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    images = sorted((data / "images").glob("*.png"))
-    labels = [np.array(Image.open(data / "labels" / p.name)) for p in images]
+    data, model, processor, images, labels = synthroad_eval_setup(root, NUM_IMAGES, SEED)
     return root, data, model, processor, images, labels
 
 
@@ -77,7 +63,7 @@ def one_process(setup):
     root, data, *_ = setup
     out = root / "out1"
     code, record = _run(["--model", str(root / "model"), "--benchmark", "synthroad", "--data-dir", str(data),
-                         "--output-dir", str(out), "--components", "--batch-size", "1"])
+                         "--output-dir", str(out), "--components", "--batch-size", "1", "--bootstrap", "20"])
     return code, record, out
 
 
@@ -141,7 +127,7 @@ def test_two_processes_equal_one(setup, one_process, tmp_path):
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mask2anomaly_eval.run",
          "--model", str(root / "model"), "--benchmark", "synthroad", "--data-dir", str(data),
-         "--output-dir", str(out), "--components", "--batch-size", "1"],
+         "--output-dir", str(out), "--components", "--batch-size", "1", "--bootstrap", "20"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -150,6 +136,10 @@ def test_two_processes_equal_one(setup, one_process, tmp_path):
     assert double["num_images"] == single["num_images"] == NUM_IMAGES
     assert double["metrics"] == pytest.approx(single["metrics"], abs=1e-12)
     assert double["pixel"]["num_pos"] == single["pixel"]["num_pos"]
+    # per-image rows and bootstrap intervals do not depend on the sharding either (rows merged in image order)
+    assert [row["name"] for row in double["per_image"]] == [row["name"] for row in single["per_image"]]
+    for key, interval in single["bootstrap"]["intervals"].items():
+        assert double["bootstrap"]["intervals"][key] == pytest.approx(interval, abs=1e-12, nan_ok=True), key
 
 
 def test_evaluate_model_api_on_in_memory_items(setup):

@@ -81,3 +81,23 @@ def reference_class_scores(outputs, processed: tuple[int, int], original: tuple[
 
 def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def synthroad_eval_setup(root: Path, num_images: int, seed: int):
+    """A small SynthRoad anomaly split (64x128) and a random tiny model saved beside it, for the evaluation tests:
+    ``(data_dir, model, processor, image_paths, label_arrays)``; the model folder is ``root / "model"``."""
+    from PIL import Image
+
+    from mask2anomaly_training.synthroad import main as synthroad_main
+
+    data = root / "synthroad"
+    assert synthroad_main(["--split", "anomaly", "--num", str(num_images), "--height", "64", "--width", "128",
+                           "--seed", str(seed), "--output-dir", str(data)]) == 0
+    torch.manual_seed(0)
+    model = Mask2AnomalyForUniversalSegmentation(Mask2AnomalyConfig.tiny()).eval()
+    processor = Mask2AnomalyImageProcessor(size=dict(TEST_SIZE))
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    images = sorted((data / "images").glob("*.png"))
+    labels = [np.array(Image.open(data / "labels" / p.name)) for p in images]
+    return data, model, processor, images, labels

@@ -19,8 +19,8 @@ only), and ``merge_accumulators(accs)`` on the main process.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -35,7 +35,6 @@ from .components import (
     frame_component_stats,
 )
 from .pixel import PIXEL_MODES, PixelMetricAccumulator, PixelMode
-
 
 logger = logging.get_logger(__name__)
 

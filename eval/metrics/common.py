@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-
 VOID_LABEL = 255
 TPR_TARGET = 0.95
 
@@ -84,3 +83,50 @@ def split_by_class(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
                     "finite anomaly scores (set such pixels' label to 255 to ignore them)"
                 )
     return positives, negatives
+
+
+class CurvePoints:
+    """A thinned copy of a pooled curve for plotting: operating points (cumulative tp, fp, threshold) are given
+    from the highest threshold down, a chunk at a time, and a point is kept when it enters a new cell of a
+    ``resolution`` x ``resolution`` grid over (TPR, FPR), plus the first and the last point, so that at most about
+    ``2 * resolution`` points describe both the ROC and the PR curve, whatever the number of distinct scores.
+    """
+
+    def __init__(self, num_pos: int, num_neg: int, resolution: int = 1000) -> None:
+        self.num_pos, self.num_neg, self.resolution = num_pos, num_neg, resolution
+        self._last_cell: int | None = None
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._final: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def add(self, tp: np.ndarray, fp: np.ndarray, thresholds: np.ndarray) -> None:
+        if tp.size == 0:
+            return
+        k = self.resolution
+        tpr_cell = np.floor(tp / max(self.num_pos, 1) * k).astype(np.int64)
+        fpr_cell = np.floor(fp / max(self.num_neg, 1) * k).astype(np.int64)
+        cell = tpr_cell * (k + 1) + fpr_cell
+        previous = np.empty_like(cell)
+        previous[0] = -1 if self._last_cell is None else self._last_cell
+        previous[1:] = cell[:-1]
+        keep = cell != previous
+        self._parts.append((tp[keep], fp[keep], np.asarray(thresholds, np.float64)[keep]))
+        self._last_cell = int(cell[-1])
+        self._final = (tp[-1:], fp[-1:], np.asarray(thresholds[-1:], np.float64))
+
+    def result(self) -> dict[str, list[float]]:
+        """``thresholds``, ``tpr`` (= recall), ``fpr`` and ``precision`` of the kept points, highest threshold
+        first (empty lists when nothing was added)."""
+        parts = self._parts + ([self._final] if self._final is not None else [])
+        if not parts:
+            return {"thresholds": [], "tpr": [], "fpr": [], "precision": []}
+        tp, fp, thresholds = (np.concatenate(arrays) for arrays in zip(*parts))
+        if tp.size > 1 and tp[-1] == tp[-2] and fp[-1] == fp[-2]:
+            tp, fp, thresholds = tp[:-1], fp[:-1], thresholds[:-1]  # the last point was kept already
+        with np.errstate(divide="ignore", invalid="ignore"):
+            precision = np.where(tp + fp > 0, tp / (tp + fp), 1.0)
+        return {
+            "thresholds": thresholds.tolist(),
+            "tpr": (tp / max(self.num_pos, 1)).tolist(),
+            "fpr": (fp / max(self.num_neg, 1)).tolist(),
+            "precision": precision.tolist(),
+        }

@@ -32,7 +32,6 @@ from transformers.utils import logging
 
 from .common import check_frame, to_numpy
 
-
 logger = logging.get_logger(__name__)
 
 Track = Literal["anomaly", "obstacle"]

@@ -7,13 +7,13 @@ of pixels. Used through :class:`~mask2anomaly_eval.metrics.PixelMetricAccumulato
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from transformers.utils import logging
 
-from .common import TPR_TARGET
-
+from .common import TPR_TARGET, CurvePoints
 
 logger = logging.get_logger(__name__)
 
@@ -295,13 +295,13 @@ class _ExactState:
             return self.generic[0].nbytes + self.generic[1].nbytes
         return self.packed.nbytes
 
-    def compute(self) -> dict[str, Any]:
+    def compute(self, curve_points: int = 0) -> dict[str, Any]:
         if self.generic is not None:
             chunks = _class_array_chunks(*self.class_arrays())
         else:
             packed = self.packed.compact()
             chunks = _packed_chunks(packed if packed is not None else np.zeros(0, np.uint64))
-        return exact_curve_metrics(chunks, self.num_pos, self.num_neg)
+        return exact_curve_metrics(chunks, self.num_pos, self.num_neg, curve_points=curve_points)
 
 
 CurveChunk = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -354,7 +354,8 @@ def _class_array_chunks(
         yield union[::-1], pos[::-1], neg[::-1]
 
 
-def exact_curve_metrics(chunks: Iterable[CurveChunk], num_pos: int, num_neg: int) -> dict[str, Any]:
+def exact_curve_metrics(chunks: Iterable[CurveChunk], num_pos: int, num_neg: int,
+                        curve_points: int = 0) -> dict[str, Any]:
     """Exact AuPRC, AUROC, FPR95 and best F1 from per-distinct-score counts, swept from the highest score down.
 
     ``chunks`` yields ``(thresholds, anomaly_counts, inlier_counts)`` for consecutive groups of distinct scores in
@@ -375,7 +376,9 @@ def exact_curve_metrics(chunks: Iterable[CurveChunk], num_pos: int, num_neg: int
     * ``best_f1`` = max of ``2 tp / (2 tp + fp + fn)`` over the operating points, ``best_f1_threshold`` its score
       (the lowest one among exact ties: integer numerator and denominator make equal F1 values compare equal).
 
-    Undefined values (no anomaly pixel: all of them; no inlier pixel: AUROC and the FPR95s) are NaN.
+    Undefined values (no anomaly pixel: all of them; no inlier pixel: AUROC and the FPR95s) are NaN. With
+    ``curve_points`` > 0 the result also holds ``curve``: the curve thinned to a ``curve_points`` grid
+    (:class:`~mask2anomaly_eval.metrics.common.CurvePoints`), for plotting.
     """
     if num_pos + num_neg == 0:
         raise ValueError("no valid pixel was added (every pixel is void or no image was added)")
@@ -387,12 +390,15 @@ def exact_curve_metrics(chunks: Iterable[CurveChunk], num_pos: int, num_neg: int
     fpr95 = fpr95_threshold = fpr95_tpr = fpr95_interpolated = nan
     best_f1, best_f1_threshold = -1.0, nan
     tp_carry = fp_carry = num_distinct = 0
+    curve = CurvePoints(num_pos, num_neg, curve_points) if curve_points > 0 else None
     for thresholds, new_tp, new_fp in chunks:
         num_distinct += thresholds.size
         tp = np.cumsum(new_tp, dtype=np.float64)
         tp += tp_carry
         fp = np.cumsum(new_fp, dtype=np.float64)
         fp += fp_carry
+        if curve is not None:
+            curve.add(tp, fp, thresholds)
         # Counts stay below 2**53, so float64 holds them exactly.
         precision = tp / (tp + fp)
         ap_sum += float(np.dot(new_tp, precision))
@@ -429,7 +435,7 @@ def exact_curve_metrics(chunks: Iterable[CurveChunk], num_pos: int, num_neg: int
     else:
         auprc = ap_sum / num_pos
         auroc = auc_twice / (2.0 * num_pos * num_neg) if num_neg else nan
-    return {
+    result = {
         "auprc": auprc,
         "fpr95": fpr95,
         "auroc": auroc,
@@ -442,3 +448,6 @@ def exact_curve_metrics(chunks: Iterable[CurveChunk], num_pos: int, num_neg: int
         "num_neg": int(num_neg),
         "num_distinct_scores": num_distinct,
     }
+    if curve is not None:
+        result["curve"] = curve.result()
+    return result

@@ -18,14 +18,14 @@ public class; each mode's state lives in its own module. Three modes:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import numpy as np
 
 from .common import check_frame, split_by_class, to_numpy
 from .exact import _ExactState
 from .smiyc import _SmiycDynamicState, _SmiycUniformState
-
 
 PixelMode = Literal["exact", "smiyc", "smiyc_uniform"]
 PIXEL_MODES: tuple[str, ...] = ("exact", "smiyc", "smiyc_uniform")
@@ -94,11 +94,13 @@ class PixelMetricAccumulator:
         self.num_images += other.num_images
         return self
 
-    def compute(self) -> dict[str, Any]:
-        """Metrics over every pixel added so far (the accumulator is left unchanged)."""
+    def compute(self, curve_points: int = 0) -> dict[str, Any]:
+        """Metrics over every pixel added so far (the accumulator is left unchanged); with ``curve_points`` > 0
+        also ``curve`` (``thresholds``, ``tpr``, ``fpr``, ``precision`` lists, highest threshold first), the
+        pooled curve thinned to about ``2 * curve_points`` points for plotting."""
         if self.num_images == 0:
             raise ValueError("no image was added; call add(scores, labels) first")
-        result = self._state.compute()
+        result = self._state.compute(curve_points)
         result["mode"] = self.mode
         result["num_images"] = self.num_images
         return result

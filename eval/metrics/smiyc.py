@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import TPR_TARGET
-
+from .common import TPR_TARGET, CurvePoints
 
 # SegmentMeIfYouCan `PixBinaryClass` / `PixBinaryClass-uniThr` settings (metrics/pixel_classification.py).
 SMIYC_DYNAMIC_BINS = 768
@@ -50,7 +49,7 @@ def smiyc_frame_bins(
 
 
 def smiyc_curve_metrics(
-    thresholds: np.ndarray, tp: np.ndarray, fp: np.ndarray, num_pos: int, num_neg: int
+    thresholds: np.ndarray, tp: np.ndarray, fp: np.ndarray, num_pos: int, num_neg: int, curve_points: int = 0
 ) -> dict[str, Any]:
     """SMIYC's ``curves_from_cmats`` on a pooled curve given from the highest threshold down.
 
@@ -65,6 +64,8 @@ def smiyc_curve_metrics(
       ``AUROC = trapezoid(tpr, fpr)``, ``FPR95 = fpr[searchsorted(tpr, 0.95)]`` (1.0 if never reached),
       ``best_F1 = F1[nanargmax]`` with ``F1 = 2tp / (2tp + fp + fn)`` — its threshold is a bin's lower edge, so
       that operating point predicts ``score >= best_f1_threshold``.
+
+    With ``curve_points`` > 0 the result also holds ``curve``, the benchmark's curve thinned for plotting.
     """
     keep = np.concatenate([[0], np.flatnonzero(thresholds[:-1] != thresholds[1:]), [thresholds.size - 1]])
     tp, fp, thresholds = tp[keep], fp[keep], thresholds[keep]
@@ -101,7 +102,7 @@ def smiyc_curve_metrics(
     else:
         best = int(np.nanargmax(f1))
         best_f1, best_f1_threshold = float(f1[best]), float(thresholds[best])
-    return {
+    result = {
         "auprc": float(np.sum(np.diff(recall) * precision[1:])),
         "fpr95": fpr95,
         "auroc": float((np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0).sum()),
@@ -113,6 +114,11 @@ def smiyc_curve_metrics(
         "num_neg": int(num_neg),
         "num_curve_points": int(tp.size),
     }
+    if curve_points > 0:
+        thinned = CurvePoints(num_pos, num_neg, curve_points)
+        thinned.add(tp, fp, thresholds)
+        result["curve"] = thinned.result()
+    return result
 
 
 class _SmiycDynamicState:
@@ -166,7 +172,7 @@ class _SmiycDynamicState:
         self.num_pos += int(state["totals"][0])
         self.num_neg += int(state["totals"][1])
 
-    def compute(self) -> dict[str, Any]:
+    def compute(self, curve_points: int = 0) -> dict[str, Any]:
         if not self.frames:
             raise ValueError("no valid pixel was added (every pixel is void or no image was added)")
         thresholds = np.concatenate([f[0][::-1] for f in self.frames])
@@ -176,7 +182,7 @@ class _SmiycDynamicState:
         thresholds = thresholds[order]
         tp = np.cumsum(tp_rel[order].astype(np.float64))
         fp = np.cumsum(fp_rel[order].astype(np.float64))
-        result = smiyc_curve_metrics(thresholds, tp, fp, self.num_pos, self.num_neg)
+        result = smiyc_curve_metrics(thresholds, tp, fp, self.num_pos, self.num_neg, curve_points)
         result["top_threshold_tied"] = bool(sum(f[0][-1] == thresholds[0] for f in self.frames) > 1)
         return result
 
@@ -232,10 +238,10 @@ class _SmiycUniformState:
         other.num_pos, other.num_neg = (int(v) for v in state["totals"])
         self.merge(other)
 
-    def compute(self) -> dict[str, Any]:
+    def compute(self, curve_points: int = 0) -> dict[str, Any]:
         if self.edges is None:
             raise ValueError("no valid pixel was added (every pixel is void or no image was added)")
         tp = np.cumsum(self.tp_hist[::-1]).astype(np.float64)
         fp = np.cumsum(self.fp_hist[::-1]).astype(np.float64)
         thresholds = self.edges[::-1][1:]
-        return smiyc_curve_metrics(thresholds, tp, fp, self.num_pos, self.num_neg)
+        return smiyc_curve_metrics(thresholds, tp, fp, self.num_pos, self.num_neg, curve_points)

@@ -406,8 +406,8 @@ def test_two_process_accelerate_launch(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert yaml.safe_load((output / "training_config.yaml").read_text())["num_processes"] == 2
     checkpoint = output / "checkpoints" / "checkpoint-00000002"
-    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
-                                                                              "random_states_1.pkl"]
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.json")) == ["random_states_0.json",
+                                                                              "random_states_1.json"]
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert (output / name).is_file()
     # The 3 validation images were split 2 + 1 over the processes: the merged metrics equal one process's

@@ -16,7 +16,7 @@ from hostile_files import plant_pickle, plant_torch_pickle, truncate
 from mask2anomaly_training.checkpoint import list_checkpoints
 from mask2anomaly_training.train import main, train
 from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
-from test_train import TINY, one_thread, tiny_config  # noqa: F401  (autouse fixture: one torch thread)
+from tiny_models import TINY_TRAINING, tiny_config
 
 STEPS = 3
 
@@ -24,12 +24,15 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A 3-step run with a checkpoint after every step (the last two are kept)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small shared machine: one thread is several times faster
     output = tmp_path_factory.mktemp("run")
     config = tiny_config("training.checkpoint_steps=1")
     train(config, output, stage=1, max_steps=STEPS)
     checkpoints = list_checkpoints(output / "checkpoints")
     assert [p.name for p in checkpoints] == ["checkpoint-00000002", "checkpoint-00000003"]
-    return config, output, checkpoints
+    yield config, output, checkpoints
+    torch.set_num_threads(threads)
 
 
 def _killed_run(checkpoints: list[Path], folder: Path) -> list[Path]:
@@ -88,7 +91,7 @@ def test_damaged_latest_checkpoint_names_the_file_and_offers_the_previous(run, t
 
     # the command line says the same in one line
     with pytest.raises(SystemExit) as exited:
-        main(["--output-dir", str(tmp_path / "damaged"), "--max-steps", str(STEPS), "--resume", *TINY,
+        main(["--output-dir", str(tmp_path / "damaged"), "--max-steps", str(STEPS), "--resume", *TINY_TRAINING,
               "training.checkpoint_steps=1"])
     assert exited.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]

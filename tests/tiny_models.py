@@ -81,3 +81,31 @@ def reference_class_scores(outputs, processed: tuple[int, int], original: tuple[
 
 def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- training
+# Tiny scenes and the tiny model; one image per 64x128 crop, no loader workers (process start-up would
+# dominate), no periodic evaluation or checkpoints unless a test asks for them.
+TINY_TRAINING = [
+    "model.preset=tiny",
+    "model.config={}",
+    "processor.size={shortest_edge: 64, longest_edge: 128}",
+    "data.train={source: synthroad, split: train, num: 8, seed: 0, height: 64, width: 128}",
+    "data.outliers={source: synthroad, num: 4, seed: 0, height: 64, width: 128}",
+    "data.validation={}",
+    "data.crop_size=[64, 128]",
+    "data.num_workers=0",
+    "stage1.batch_size=2",
+    "stage2.batch_size=2",
+    "training.logging_steps=1",
+    "training.checkpoint_steps=0",
+    "training.eval_steps=0",
+]
+ANOMALY_SPLIT = "data.validation.anomaly={source: synthroad, split: anomaly, num: 2, seed: 1, height: 64, width: 128}"
+
+
+def tiny_config(*overrides: str):
+    """The packaged synthroad training config with `TINY_TRAINING` and then `overrides` applied."""
+    from mask2anomaly_training.config import load_config
+
+    return load_config("synthroad", [*TINY_TRAINING, *overrides])

@@ -76,4 +76,21 @@ def write_files_atomically(target_dir: str | os.PathLike, write: Callable[[Path]
         shutil.rmtree(staging, ignore_errors=True)
 
 
-__all__ = ["write_atomically", "write_files_atomically", "write_text_atomically"]
+def check_writable_folder(folder: str | os.PathLike) -> Path:
+    """Create `folder` if needed and check that a file can be written in it (a probe file, removed at once), so a
+    command fails before its work rather than after it. Raises ValueError of one line naming the folder."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; expected a folder (or a new name)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        raise ValueError(f"cannot write into {folder}: {err.strerror or err}") from None
+    return folder
+
+
+__all__ = ["check_writable_folder", "write_atomically", "write_files_atomically", "write_text_atomically"]

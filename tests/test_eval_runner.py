@@ -12,20 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from mask2anomaly_eval.metrics import ComponentMetricAccumulator
 from mask2anomaly_eval.loop import evaluate
 from mask2anomaly_eval.run import main
-from mask2anomaly_training.synthroad import main as synthroad_main
-from modeling_mask2anomaly import (
-    Mask2AnomalyConfig,
-    Mask2AnomalyForUniversalSegmentation,
-    Mask2AnomalyImageProcessor,
-    predict_anomaly,
-)
+from modeling_mask2anomaly import predict_anomaly
+from tiny_models import synthroad_benchmark_and_model
 
 NUM_IMAGES = 3
 
@@ -33,14 +27,7 @@ NUM_IMAGES = 3
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("runner")
-    data = root / "synthroad"
-    assert synthroad_main(["--split", "anomaly", "--num", str(NUM_IMAGES), "--height", "64", "--width", "128",
-                           "--seed", "3", "--output-dir", str(data)]) == 0
-    torch.manual_seed(0)
-    model = Mask2AnomalyForUniversalSegmentation(Mask2AnomalyConfig.tiny()).eval()
-    processor = Mask2AnomalyImageProcessor(size={"shortest_edge": 64, "longest_edge": 128})
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
+    data, model, processor = synthroad_benchmark_and_model(root, NUM_IMAGES)
     images = sorted((data / "images").glob("*.png"))
     labels = [np.array(Image.open(data / "labels" / p.name)) for p in images]
     return root, data, model, processor, images, labels

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from hostile_files import truncate
 from mask2anomaly_eval import run as run_module
 from mask2anomaly_eval.run import main
-from mask2anomaly_training.synthroad import main as synthroad_main
-from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor
+from tiny_models import synthroad_benchmark_and_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -28,12 +26,7 @@ NUM_IMAGES = 4
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-safety")
-    data = root / "synthroad"
-    assert synthroad_main(["--split", "anomaly", "--num", str(NUM_IMAGES), "--height", "64", "--width", "128",
-                           "--seed", "3", "--output-dir", str(data)]) == 0
-    torch.manual_seed(0)
-    Mask2AnomalyForUniversalSegmentation(Mask2AnomalyConfig.tiny()).save_pretrained(root / "model")
-    Mask2AnomalyImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(root / "model")
+    data, _, _ = synthroad_benchmark_and_model(root, NUM_IMAGES)
     return root, data
 
 

@@ -109,3 +109,19 @@ def tiny_config(*overrides: str):
     from mask2anomaly_training.config import load_config
 
     return load_config("synthroad", [*TINY_TRAINING, *overrides])
+
+
+def synthroad_benchmark_and_model(root: Path, num_images: int):
+    """A SynthRoad anomaly split of `num_images` 64x128 scenes in ``root/synthroad`` and a tiny random model (seed 0)
+    with a small-size processor saved in ``root/model``; returns (data folder, model, processor)."""
+    from mask2anomaly_training.synthroad import main as synthroad_main
+
+    data = root / "synthroad"
+    assert synthroad_main(["--split", "anomaly", "--num", str(num_images), "--height", "64", "--width", "128",
+                           "--seed", "3", "--output-dir", str(data)]) == 0
+    torch.manual_seed(0)
+    model = Mask2AnomalyForUniversalSegmentation(Mask2AnomalyConfig.tiny()).eval()
+    processor = Mask2AnomalyImageProcessor(size={"shortest_edge": 64, "longest_edge": 128})
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    return data, model, processor

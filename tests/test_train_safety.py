@@ -123,3 +123,45 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("label_size", r"labels/scene_001\.png: the label is 64x32 but its image .*scene_001\.png is 128x64"),
+    ("truncated_image", r"images/scene_002\.png: cannot read the training image"),
+    ("label_values", r"labels/scene_000\.png: label values \[30, 200\] are not class ids 0\.\.18 nor 254, 255"),
+    ("truncated_label", r"labels/scene_002\.png"),
+])
+def test_bad_training_data_is_named_before_step_one(tmp_path, monkeypatch, capsys, fault, message):
+    """A label of the wrong size, a truncated image or label, or label values outside 0..18/254/255 stop the run
+    before the first optimizer step, naming the file (they failed mid-run without it, or trained silently)."""
+    import numpy as np
+    from PIL import Image
+
+    from mask2anomaly_training import train as train_module
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)).save(root / "images" / f"scene_{index:03d}.png")
+        label = rng.integers(0, 19, (64, 128)).astype(np.uint8)
+        label[:4] = 255
+        label[4:8, :8] = 254
+        Image.fromarray(label).save(root / "labels" / f"scene_{index:03d}.png")
+    if fault == "label_size":
+        Image.fromarray(np.zeros((32, 64), np.uint8)).save(root / "labels" / "scene_001.png")
+    elif fault == "truncated_image":
+        truncate(root / "images" / "scene_002.png")
+    elif fault == "truncated_label":
+        truncate(root / "labels" / "scene_002.png")
+    else:
+        label = np.zeros((64, 128), np.uint8)
+        label[0, :3] = (30, 200, 254)
+        Image.fromarray(label).save(root / "labels" / "scene_000.png")
+    steps = []
+    monkeypatch.setattr(train_module, "optimizer_step", lambda *args, **kwargs: steps.append(1) or {})
+    config = tiny_config(f"data.train={{source: folder, root: {root}}}")
+    with pytest.raises(ValueError, match=message) as error:
+        train(config, tmp_path / "run", stage=1, max_steps=1)
+    assert steps == [] and "\n" not in str(error.value)

@@ -77,7 +77,7 @@ from .loop import (
 from .model import build_model, freeze_backbone, set_train_mode
 from .optim import parameter_groups, poly_schedule
 from .sampling import micro_batches
-from .sources import stage_data
+from .sources import TrainingDataError, stage_data
 
 logger = get_logger(__name__)
 
@@ -129,7 +129,7 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
         freeze_backbone(model)
 
     with accelerator.main_process_first():  # the first process builds the `datasets` caches, the others reuse them
-        dataset, transform, validation = stage_data(config, stage, processor)
+        dataset, transform, validation = stage_data(config, stage, processor, num_labels=model.config.num_labels)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.learning_rate)
     scheduler = poly_schedule(optimizer, settings.max_steps, settings.poly_power)
@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         train(config, args.output_dir, stage=args.stage, max_steps=args.max_steps, resume=args.resume,
               init_from=args.init_from, checkpoint_dir=args.checkpoint_dir, command=command)
-    except (CheckpointError, FileNotFoundError) as error:
+    except (CheckpointError, TrainingDataError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0
 

@@ -91,7 +91,8 @@ def collect_inputs(sources: Sequence[str], exclude_dir: str | os.PathLike | None
         found = []
         for root, folders, files in os.walk(folder, onerror=unreadable_folder):
             folders.sort()
-            found.extend(path for path in (Path(root) / name for name in files) if os.path.isfile(path) and wanted(path))
+            candidates = (Path(root) / name for name in files)
+            found.extend(path for path in candidates if os.path.isfile(path) and wanted(path))
         return sorted(found)
 
     paths: list[Path] = []

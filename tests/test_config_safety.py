@@ -11,12 +11,12 @@ import shutil
 
 import pytest
 import yaml
+from shared_paths import SHARED_FIXTURES
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor
 from modeling_mask2anomaly.conversion import Detectron2ConfigError, config_from_detectron2_yaml, main
 from modeling_mask2anomaly.conversion import writing as writing_module
 from modeling_mask2anomaly.conversion.detectron2_config import Detectron2Config, preprocessing_from_detectron2
-from shared_paths import SHARED_FIXTURES
 
 R50 = SHARED_FIXTURES / "official_r50_small"
 
@@ -33,7 +33,8 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
     ({"hidden_dim": 0}, r"hidden_dim=0; expected a whole number >= 1"),
     ({"num_attention_heads": 5}, r"hidden_dim=32 is not divisible by num_attention_heads=5"),
     ({"num_attention_heads": 0}, r"num_attention_heads=0"),
-    ({"feature_size": 48, "mask_feature_size": 48, "num_attention_heads": 4}, r"feature_size=48; expected a multiple of 32"),
+    ({"feature_size": 48, "mask_feature_size": 48, "num_attention_heads": 4},
+     r"feature_size=48; expected a multiple of 32"),
     ({"dropout": 1.5}, r"dropout=1\.5; expected a finite number in \[0\.0, 1\.0\]"),
     ({"contrastive_weight": float("nan")}, r"contrastive_weight=nan; expected a finite number"),
 ])

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from hostile_files import truncate
+from PIL import Image
+from tiny_models import synthroad_benchmark_and_model
+
 from mask2anomaly_eval import run as run_module
 from mask2anomaly_eval.run import main
-from tiny_models import synthroad_benchmark_and_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -110,5 +110,6 @@ def test_a_label_above_the_pixel_limit_is_refused_before_decoding(tmp_path, monk
     path = tmp_path / "label.png"
     Image.fromarray(np.zeros((30, 40), np.uint8)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(ValueError, match=r"label\.png is above the pixel limit PIL\.Image\.MAX_IMAGE_PIXELS = 1000.*1200 pixels"):
+    limit = r"label\.png is above the pixel limit PIL\.Image\.MAX_IMAGE_PIXELS = 1000.*1200 pixels"
+    with pytest.raises(ValueError, match=limit):
         read_label_png(path)

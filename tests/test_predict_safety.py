@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hostile_files import truncate
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tiny_models import random_image, save_tiny_model
 
-from hostile_files import truncate
 from modeling_mask2anomaly import predict as predict_module
 from modeling_mask2anomaly.predict import main
-from tiny_models import random_image, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from hostile_files import plant_pickle, plant_torch_pickle, truncate
+from safetensors.torch import load_file
+from tiny_models import TINY_TRAINING, tiny_config
+
 from mask2anomaly_training.checkpoint import list_checkpoints
 from mask2anomaly_training.train import main, train
 from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
-from tiny_models import TINY_TRAINING, tiny_config
 
 STEPS = 3
 
@@ -144,7 +144,8 @@ def test_bad_training_data_is_named_before_step_one(tmp_path, monkeypatch, capsy
     (root / "labels").mkdir()
     rng = np.random.default_rng(0)
     for index in range(4):
-        Image.fromarray(rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)).save(root / "images" / f"scene_{index:03d}.png")
+        image = rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / "images" / f"scene_{index:03d}.png")
         label = rng.integers(0, 19, (64, 128)).astype(np.uint8)
         label[:4] = 255
         label[4:8, :8] = 254

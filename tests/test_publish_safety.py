@@ -43,7 +43,7 @@ def test_bad_custom_pipelines_is_one_line(tiny_model_dir, tmp_path, capsys, pipe
     out = tmp_path / "hub"
     code, err = _publish(folder, out, _widget(tmp_path), capsys)
     assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert err.startswith("mask2anomaly-publish: ") and "custom_pipelines" in err or "config.json" in err, err
+    assert err.startswith("mask2anomaly-publish: ") and ("custom_pipelines" in err or "config.json" in err), err
     assert not out.exists()
 
 

@@ -28,7 +28,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,11 @@ from accelerate.logging import get_logger
 
 from modeling_mask2anomaly.atomic_io import write_text_atomically
 from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
-from modeling_mask2anomaly.inference import load_model_and_processor
-from modeling_mask2anomaly.scorers import ANOMALY_SCORERS
+from modeling_mask2anomaly.inference import ModelNotFoundError, load_model_and_processor
 
+from .cli import build_parser, main  # noqa: F401  (main: `python -m mask2anomaly_eval.run`)
 from .datasets import BENCHMARKS, get_benchmark
 from .loop import COMPONENT_METRICS, PIXEL_METRICS, evaluate
-from .metrics import TRACK_SIZE_THRESHOLDS
 
 logger = get_logger(__name__)
 
@@ -91,35 +90,6 @@ def write_results(record: Mapping[str, Any], output_dir: str | os.PathLike) -> t
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mask2anomaly-eval",
-        description="Evaluate a Mask2Anomaly model on an anomaly-segmentation benchmark (AuPRC, FPR95, AUROC and "
-                    "optionally SegmentMeIfYouCan component metrics). Multi-process with `accelerate launch`.")
-    parser.add_argument("--model", required=True, help="model folder or Hub id")
-    parser.add_argument("--benchmark", required=True, help="benchmark name (e.g. smiyc_ra21, fs_lostandfound, "
-                        "road_anomaly, synthroad)")
-    parser.add_argument("--data-dir", required=True, help="the benchmark's local folder, in its official layout")
-    parser.add_argument("--output-dir", default="outputs/eval", help="receives <benchmark>.json and <benchmark>.md")
-    parser.add_argument("--mode", choices=("exact", "smiyc"), default="exact",
-                        help="pixel metrics: exact (scikit-learn values) or smiyc (the benchmark's binned curve)")
-    parser.add_argument("--components", action="store_true", help="also compute sIoU, PPV and mean F1")
-    parser.add_argument("--track", choices=tuple(TRACK_SIZE_THRESHOLDS), default=None,
-                        help="component track (size thresholds); default: the benchmark's (obstacle for smiyc_ro21), "
-                             "e.g. obstacle for SynthRoad's obstacle split")
-    parser.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
-    parser.add_argument("--no-refine", action="store_true", help="disable mask refinement")
-    parser.add_argument("--anomaly-scorer", "--scorer", dest="anomaly_scorer", choices=ANOMALY_SCORERS, default=None,
-                        help="anomaly scorer (default: the processor's anomaly_scorer)")
-    parser.add_argument("--anomaly-threshold", type=float, default=None,
-                        help="with --components: score components at score > THRESHOLD instead of the pixel "
-                             "curve's best-F1 threshold (the official protocol)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is available")
-    return parser
-
-
 def _has_accelerator() -> bool:
     # accelerate only sets up a multi-process CPU group (gloo) when told cpu=True; without it, processes started by
     # `accelerate launch --multi_gpu` / torchrun on a machine with no accelerator would each run alone.
@@ -129,10 +99,8 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `mask2anomaly-eval`; returns 0, or 1 when some items failed (2 for usage errors)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The command once its arguments are parsed (`cli.build_parser`) and its threads set."""
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: expected at least 1")
     if args.limit is not None and args.limit < 1:
@@ -146,7 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mask2anomaly-eval: cannot open benchmark {args.benchmark!r} in {args.data_dir!r}: {err}",
               file=sys.stderr)
         return 2
-    model, processor = load_model_and_processor(args.model, state.device)
+    try:
+        model, processor = load_model_and_processor(args.model, state.device)
+    except ModelNotFoundError as err:
+        print(f"mask2anomaly-eval: --model: {err}", file=sys.stderr)
+        return 2
     try:
         result = evaluate(
             model, processor, benchmark, mode=args.mode, components=args.components, track=benchmark.track,

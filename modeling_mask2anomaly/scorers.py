@@ -12,17 +12,20 @@ Each scorer turns the channels that the image processor renders for a block of o
 so their heatmaps use that range as their colour scale (`display_range`); unbounded ones get each image's own
 range. `default_threshold` is the scorer's decision threshold when none is set.
 
-This file travels to the Hub as remote code: it imports only the standard library and torch.
+This file travels to the Hub as remote code: it imports only the standard library and torch. The scorers use
+tensor methods only, so that the registry's names load without torch (the command lines' ``--help`` lists them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-ScoreFunction = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+ScoreFunction = Callable[["torch.Tensor", "torch.Tensor | None", "torch.Tensor | None"], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def _mask2anomaly(class_scores: torch.Tensor, eam_sum: torch.Tensor | None,
 
 
 def _rba(class_scores: torch.Tensor, eam_sum: torch.Tensor | None, class_logits: torch.Tensor | None) -> torch.Tensor:
-    return -torch.tanh(class_scores).sum(dim=0)
+    return class_scores.tanh().sum(dim=0).neg_()
 
 
 def _eam(class_scores: torch.Tensor, eam_sum: torch.Tensor | None, class_logits: torch.Tensor | None) -> torch.Tensor:
@@ -63,6 +66,8 @@ def _eam(class_scores: torch.Tensor, eam_sum: torch.Tensor | None, class_logits:
 
 def _msp(class_scores: torch.Tensor, eam_sum: torch.Tensor | None, class_logits: torch.Tensor | None) -> torch.Tensor:
     # S_c > 0 everywhere (a sum of positive terms), the clamp only guards against underflow
+    import torch  # already loaded by whoever made the tensor
+
     total = class_scores.sum(dim=0).clamp_min(torch.finfo(class_scores.dtype).tiny)
     return 1.0 - class_scores.max(dim=0).values / total
 
@@ -74,7 +79,7 @@ def _max_logit(class_scores: torch.Tensor, eam_sum: torch.Tensor | None,
 
 def _energy(class_scores: torch.Tensor, eam_sum: torch.Tensor | None,
             class_logits: torch.Tensor | None) -> torch.Tensor:
-    return -torch.logsumexp(class_logits, dim=0)
+    return class_logits.logsumexp(dim=0).neg_()
 
 
 SCORERS: dict[str, Scorer] = {

@@ -59,7 +59,8 @@ from transformers.utils import logging as hf_logging
 
 from .checkpoint import TrainingProgress, resolve_resume, save_checkpoint
 from .collate import TrainingCollator
-from .config import TrainingConfig, is_override, load_config
+from .cli import build_parser, main  # noqa: F401  (`python -m mask2anomaly_training.train`; the Trainer route)
+from .config import TrainingConfig, load_config
 from .evaluation import evaluate_anomaly
 from .loop import (
     _launched_on_cpu_only,
@@ -219,51 +220,8 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
 # ======================================================================================================
 # Command line
 # ======================================================================================================
-class TrainingArgumentParser(argparse.ArgumentParser):
-    """`argparse` with two fixes for this command line: ``--resume`` followed by a ``key=value`` override means
-    ``--resume latest`` (the override is not taken for a checkpoint path), and overrides may come before and
-    after options (`parse_intermixed_args`)."""
-
-    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-                   ) -> argparse.Namespace:
-        words = list(sys.argv[1:] if args is None else args)
-        fixed: list[str] = []
-        for index, word in enumerate(words):
-            fixed.append(word)
-            if word == "--resume" and index + 1 < len(words) and is_override(words[index + 1]):
-                fixed.append("latest")
-        return self.parse_intermixed_args(fixed, namespace)
-
-
-def build_parser(prog: str = "mask2anomaly-train", description: str | None = None,
-                 checkpoint_dir: bool = True) -> TrainingArgumentParser:
-    """The command line of `mask2anomaly-train` (also used by the Trainer route, without ``--checkpoint-dir``)."""
-    parser = TrainingArgumentParser(
-        prog=prog,
-        description=description or (
-            "Train Mask2Anomaly: stage 1 (closed set) or stage 2 (outlier exposure). Also runs under "
-            "`accelerate launch -m mask2anomaly_training.train` for several processes."),
-    )
-    parser.add_argument("--config", default="synthroad",
-                        help="YAML config file or packaged config name (cityscapes, synthroad); default synthroad")
-    parser.add_argument("--output-dir", required=True, help="folder for the trained model (save_pretrained)")
-    parser.add_argument("--stage", type=int, choices=(1, 2), default=1, help="1: closed set; 2: outlier exposure")
-    parser.add_argument("--init-from", default=None, help="model folder to start from (stage 2: the stage-1 output)")
-    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the stage's max_steps)")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="continue from the newest checkpoint (or from the given checkpoint folder)")
-    if checkpoint_dir:
-        parser.add_argument("--checkpoint-dir", default=None,
-                            help="where checkpoints go (default OUTPUT_DIR/checkpoints)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. stage1.learning_rate=2e-4 data.train.num=500")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `mask2anomaly-train`."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """The command once its arguments are parsed (`cli.build_parser`) and its threads set."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     hf_logging.set_verbosity_warning()
     try:

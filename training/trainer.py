@@ -46,6 +46,7 @@ from transformers.trainer_utils import speed_metrics
 from transformers.utils import logging
 
 from mask2anomaly_eval.loop import evaluate_splits
+from modeling_mask2anomaly.cli import apply_threads
 
 from .collate import LABEL_NAMES, TrainingCollator
 from .config import TrainingConfig, load_config
@@ -53,7 +54,7 @@ from .loop import resolve_mixed_precision, resolve_tracker
 from .model import backbone_of, build_model, freeze_backbone
 from .optim import parameter_groups, poly_schedule
 from .sources import stage_data
-from .train import build_parser
+from .cli import build_parser
 
 logger = logging.get_logger(__name__)
 
@@ -198,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           description="Train Mask2Anomaly with the HF Trainer (stage 1 closed set, stage 2 outlier "
                                       "exposure). Checkpoints go to OUTPUT_DIR/checkpoint-<step>.")
     args = parser.parse_args(argv)
+    apply_threads(args.threads)
     logging.set_verbosity_info()
     try:
         config = load_config(args.config, args.overrides)

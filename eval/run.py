@@ -14,12 +14,13 @@ the number of pixels and the numbers do not depend on the number of processes (e
 
 Component metrics (``--components``: sIoU, PPV, mean F1 as SegmentMeIfYouCan defines them) are scored at the best-F1
 threshold of the pooled pixel curve (or at ``--anomaly-threshold``); the track (component size thresholds) is the
-benchmark reader's: ``obstacle`` for RoadObstacle21, ``anomaly`` otherwise.
+benchmark reader's: ``obstacle`` for RoadObstacle21 and SynthRoad's obstacle split, ``anomaly`` otherwise.
 
 Items that cannot be evaluated (unreadable image or label, label values other than 0/1/255, label size different
 from the image's) are reported with the reason and skipped; the run goes on and exits with status 1 at the end.
-Outputs: ``<output-dir>/<benchmark>.json`` (metrics as fractions, model, benchmark, options, image counts,
-failures, timing) and ``<output-dir>/<benchmark>.md`` (a markdown table), each written atomically.
+Outputs: ``<output-dir>/<benchmark>[-<split>].json`` (metrics as fractions, model, benchmark, split, track, options,
+image counts and whether ``--limit`` cut them, failures, timing) and the same name with ``.md`` (a markdown table),
+each written atomically; the split is the folder's for benchmarks with several (``synthroad-obstacle.json``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImag
 from modeling_mask2anomaly.inference import ModelNotFoundError, load_model_and_processor
 
 from .cli import build_parser, main  # noqa: F401  (main: `python -m mask2anomaly_eval.run`)
-from .datasets import BENCHMARKS, get_benchmark
+from .datasets import BENCHMARKS, AnomalyBenchmark, get_benchmark
 from .loop import COMPONENT_METRICS, PIXEL_METRICS, evaluate
 
 logger = get_logger(__name__)
@@ -60,9 +61,12 @@ def results_markdown(record: Mapping[str, Any]) -> str:
             value = record["metrics"][key]
             values.append("–" if value is None else f"{100 * value:.2f}")
     lines = [
-        f"### {record['benchmark_name']} — `{record['model']}`",
+        f"### {record['benchmark_name']}" + (f" ({record['split']} split)" if record.get("split") else "")
+        + f" — `{record['model']}`",
         "",
-        f"{record['num_images']} of {record['num_items']} images, mode `{options['mode']}`, flip TTA "
+        (f"Limited by --limit {record['limit']} to the first {record['num_items']} of {record['num_available']} "
+         "images. " if record.get("limited") else "")
+        + f"{record['num_images']} of {record['num_items']} images, mode `{options['mode']}`, flip TTA "
         f"{'on' if options['flip_tta'] else 'off'}, refinement {'on' if options['refine'] else 'off'}, scorer "
         f"`{options['scorer']}`" + (f", {options['track']} track" if options["components"] else "") + "; values in %.",
         "",
@@ -76,12 +80,28 @@ def results_markdown(record: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def result_record(args: argparse.Namespace, benchmark: AnomalyBenchmark, result: Mapping[str, Any]) -> dict[str, Any]:
+    """What a results file holds: the model, the benchmark and its split, the track, how many of the benchmark's
+    images were evaluated and whether ``--limit`` cut them short, then `evaluate`'s result (metrics, options,
+    counts, failures, timing)."""
+    return {"model": args.model, "benchmark": args.benchmark, "benchmark_name": BENCHMARKS[args.benchmark].title,
+            "split": benchmark.split, "track": benchmark.track, "data_dir": os.path.abspath(args.data_dir),
+            "mode": args.mode, "num_available": len(benchmark), "limit": args.limit,
+            "limited": args.limit is not None and args.limit < len(benchmark), **result}
+
+
+def results_stem(record: Mapping[str, Any]) -> str:
+    """The results files' name: the benchmark, and its split where it has one (``synthroad-obstacle``), so that
+    the splits of one benchmark do not overwrite each other."""
+    return record["benchmark"] + (f"-{record['split']}" if record.get("split") else "")
+
+
 def write_results(record: Mapping[str, Any], output_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``<benchmark>.json`` and ``<benchmark>.md`` into ``output_dir`` (atomically); return their paths."""
+    """Write ``<benchmark>[-<split>].json`` and ``.md`` into ``output_dir`` (atomically); return their paths."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / f"{record['benchmark']}.json"
-    markdown_path = output_dir / f"{record['benchmark']}.md"
+    json_path = output_dir / f"{results_stem(record)}.json"
+    markdown_path = output_dir / f"{results_stem(record)}.md"
     write_text_atomically(json_path, json.dumps(record, indent=2, allow_nan=False) + "\n")
     write_text_atomically(markdown_path, results_markdown(record))
     return json_path, markdown_path
@@ -129,14 +149,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as err:
         print(f"mask2anomaly-eval: {err}", file=sys.stderr)
         return 1
-    record = {"model": args.model, "benchmark": args.benchmark,
-              "benchmark_name": BENCHMARKS[args.benchmark].title,
-              "data_dir": os.path.abspath(args.data_dir), "mode": args.mode, **result}
+    record = result_record(args, benchmark, result)
     if state.is_main_process:
         json_path, markdown_path = write_results(record, args.output_dir)
         summary = ", ".join(f"{name} {100 * record['metrics'][key]:.2f}" for key, name in
                             PIXEL_METRICS + COMPONENT_METRICS if record["metrics"].get(key) is not None)
-        print(f"{args.benchmark}: {record['num_images']}/{record['num_items']} images, {summary} (%) "
+        print(f"{results_stem(record)}: {record['num_images']}/{record['num_items']} images, {summary} (%) "
               f"in {record['timing']['total_seconds']:.1f}s -> {json_path}, {markdown_path}")
         for failure in record["failures"]:
             print(f"failed: {failure['error']}", file=sys.stderr)

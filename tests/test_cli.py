@@ -182,3 +182,79 @@ def test_threads_flag_on_train_and_eval(monkeypatch, cli_module, work_module, ar
     assert seen == [3]
     with pytest.raises(SystemExit):
         import_module(cli_module).build_parser().parse_args([*argv, "--threads", "0"])
+
+
+# ------------------------------------------------------------------------------------------------ --model errors
+
+
+@pytest.mark.parametrize("value, message", [
+    ("./demo_modl", "model folder not found: ./demo_modl"),
+    ("runs/a/b/missing", "model folder not found: runs/a/b/missing"),
+    ("demo_model/config.json", "is a file; expected a model folder or a Hub id"),
+    ("bad id!", "is neither a folder nor a Hub id"),
+])
+def test_model_values_that_are_not_models(value, message):
+    from modeling_mask2anomaly.inference import ModelNotFoundError, resolve_model_source
+
+    with pytest.raises(ModelNotFoundError, match=re.escape(message)):
+        resolve_model_source(REPO / value if value.startswith("demo_model/") else value)
+
+
+def test_folder_without_config(tmp_path):
+    from modeling_mask2anomaly.inference import ModelNotFoundError, resolve_model_source
+
+    with pytest.raises(ModelNotFoundError, match="holds no config.json"):
+        resolve_model_source(tmp_path)
+
+
+def _fake_hub_cache(cache: Path, repo_id: str) -> None:
+    """`repo_id` in a Hub cache laid out as huggingface_hub lays it out (refs/main -> snapshots/<commit>/files)."""
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in (REPO / "demo_model").iterdir():
+        if path.is_file():
+            (snapshot / path.name).write_bytes(path.read_bytes())
+
+
+LOAD_BOTH = """
+import sys
+from modeling_mask2anomaly.inference import ModelNotFoundError, load_model_and_processor
+try:
+    load_model_and_processor("someone/not-cached")
+except ModelNotFoundError as err:
+    print("ERROR", err)
+model, processor = load_model_and_processor("someone/cached-demo")
+print("LOADED", type(model).__name__, type(processor).__name__)
+"""
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_hub_id_without_network(tmp_path, offline):
+    # no network: HF_HUB_OFFLINE, or an endpoint nobody listens on (port 9, "discard", refuses at once). A Hub id
+    # in the cache loads from it; one that is not fails in one line at once, saying why (no retries: a refused
+    # connection would otherwise be retried five times by huggingface_hub)
+    _fake_hub_cache(tmp_path / "hub", "someone/cached-demo")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.update({"HF_HUB_OFFLINE": "1"} if offline else {"HF_HUB_OFFLINE": "0"})
+    result = run_python(LOAD_BOTH, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    error = next(line for line in lines if line.startswith("ERROR"))
+    assert "'someone/not-cached' is not a folder, and as a Hub id it is not in the local cache" in error
+    assert ("HF_HUB_OFFLINE is set" if offline else "http://127.0.0.1:9 cannot be reached") in error
+    assert lines[-1] == "LOADED Mask2AnomalyForUniversalSegmentation Mask2AnomalyImageProcessor"
+
+
+def test_predict_reports_a_missing_hub_model_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "modeling_mask2anomaly.cli", "samples", "--model",
+                             "nonexistent_model", "--output-dir", str(tmp_path)], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"),
+                                           "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mask2anomaly-predict: --model: model 'nonexistent_model' is not a folder, and as a Hub id it is not in the "
+        f"local cache ({tmp_path / 'hub'}) and http://127.0.0.1:9 cannot be reached (Connection refused)"]

@@ -42,10 +42,12 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import speed_metrics
 from transformers.utils import logging
 
 from mask2anomaly_eval.loop import evaluate_splits
+from modeling_mask2anomaly.atomic_io import write_text_atomically
 from modeling_mask2anomaly.cli import apply_threads
 
 from .collate import LABEL_NAMES, TrainingCollator
@@ -57,6 +59,9 @@ from .sources import stage_data
 from .cli import build_parser
 
 logger = logging.get_logger(__name__)
+
+#: the Trainer's arguments beside the model, as JSON (transformers writes them as the pickle training_args.bin)
+TRAINING_ARGS_JSON = "training_args.json"
 
 
 class AugmentationEpochCallback(TrainerCallback):
@@ -87,6 +92,18 @@ class Mask2AnomalyTrainer(Trainer):
         self.frozen_backbone = frozen_backbone
         self.eval_scorer, self.eval_refine, self.eval_flip_tta = eval_scorer, eval_refine, eval_flip_tta
         self.eval_max_images = eval_max_images
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """`Trainer._save`, with the training arguments written as JSON (``training_args.json``) instead of the
+        pickle ``training_args.bin``: a folder that is loaded unpickles nothing, so `mask2anomaly-publish` takes
+        the final folder (and every checkpoint) as it is. (Resuming does not read the arguments back.)"""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+            if os.path.exists(pickled):
+                os.remove(pickled)
+            write_text_atomically(os.path.join(output_dir, TRAINING_ARGS_JSON), self.args.to_json_string())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `training_step` has just called model.train(); a frozen backbone must keep its BatchNorm statistics.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 
@@ -10,10 +11,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from modeling_mask2anomaly.atomic_io import write_atomically  # the project's one atomic writer (stdlib only)
+from modeling_mask2anomaly.atomic_io import write_atomically, write_text_atomically  # the project's one atomic writer (stdlib only)
 from modeling_mask2anomaly.cli import HelpFormatter
 
-from .labels import SPLITS
+from .labels import GENERATOR_VERSION, METADATA_NAME, SPLITS
 from .scenes import _check_arguments, iter_items
 
 
@@ -51,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stem, image, label in tqdm(items, total=args.num, desc=f"SynthRoad {args.split}", unit="scene"):
         write_png_atomic(image, os.path.join(image_dir, f"{stem}.png"))
         write_png_atomic(label, os.path.join(label_dir, f"{stem}.png"))
+    # what the folder holds, for readers (mask2anomaly-eval names its results by the split and takes its track)
+    metadata = {"split": args.split, "num": args.num, "seed": args.seed, "height": args.height, "width": args.width,
+                "generator_version": GENERATOR_VERSION}
+    write_text_atomically(os.path.join(args.output_dir, METADATA_NAME), json.dumps(metadata, indent=2) + "\n")
     print(f"wrote {args.num} {args.split} items ({args.height}x{args.width}, seed {args.seed}) to {args.output_dir}")
     return 0
 

@@ -2,7 +2,8 @@
 the standard library at import, so that ``--help`` and argument errors are instant.
 
 Every entry point parses its arguments here, sets the thread count (`apply_threads`), and only then imports the
-module that does the work (torch, transformers): `predict_main` -> `predict.run`. The other packages' command
+module that does the work (torch, transformers): `predict_main` -> `predict.run`, `convert_main` ->
+`conversion.cli.run`. The other packages' command
 lines (`mask2anomaly_training.cli`, `mask2anomaly_eval.cli`, `mask2anomaly_model_cards.cli`) use the helpers of this
 module: `HelpFormatter` (every default shown) and `add_threads_argument` / `apply_threads`.
 """
@@ -13,6 +14,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .scorers import ANOMALY_SCORERS
 
@@ -125,6 +127,31 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     args = build_predict_parser().parse_args(argv)
     apply_threads(args.threads)
     from .predict import run
+
+    return run(args)
+
+
+# ------------------------------------------------------------------------------------------------ convert
+
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    """The command line of `mask2anomaly-convert`."""
+    parser = argparse.ArgumentParser(
+        prog="mask2anomaly-convert", formatter_class=HelpFormatter,
+        description="Convert an official detectron2 Mask2Anomaly checkpoint into a transformers model folder.",
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="official .pth / .pkl checkpoint")
+    parser.add_argument("--config", required=True, type=Path, help="its detectron2 YAML config (_BASE_ is resolved)")
+    parser.add_argument("--output-dir", required=True, type=Path, help="model folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
+    parser.add_argument("--verbose", action="store_true", help="log what was mapped, dropped and filled")
+    return parser
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `mask2anomaly-convert` (see `conversion.cli`)."""
+    args = build_convert_parser().parse_args(argv)
+    from .conversion.cli import run
 
     return run(args)
 

@@ -10,19 +10,20 @@ matcher, mask/class/dice losses) is transformers' own, imported and subclassed.
 - `mask_contrastive_loss`: the official `loss_ood`, added on the final and every auxiliary prediction when
   `outlier_labels` are passed to `Mask2AnomalyForUniversalSegmentation.forward`.
 
-This file travels to the Hub as remote code: it imports only torch, transformers and `.configuration_mask2anomaly`.
+This file travels to the Hub as remote code: it imports only torch, transformers and the other remote-code modules
+(relatively: `.configuration_mask2anomaly`, and in `save_pretrained` the processor and pipeline modules).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import shutil
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerForUniversalSegmentation,
     Mask2FormerForUniversalSegmentationOutput,
@@ -38,7 +39,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 from transformers.utils import logging
 
-from .configuration_mask2anomaly import Mask2AnomalyConfig
+from .configuration_mask2anomaly import CITYSCAPES_CLASSES, CITYSCAPES_REFINE_CLASS_IDS, Mask2AnomalyConfig
 
 logger = logging.get_logger(__name__)
 
@@ -367,15 +368,10 @@ class Mask2AnomalyTransformerModule(Mask2FormerTransformerModule):
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
-# The files that travel with a saved model as remote code, and the Auto classes they serve.
-REMOTE_CODE_FILES = (
-    "configuration_mask2anomaly.py",
-    "modeling_mask2anomaly.py",
-    "image_processing_mask2anomaly.py",
-    "pipeline_mask2anomaly.py",
-    "visualize.py",
-    "scorers.py",
-)
+# The Auto classes a saved model's config.json routes to this remote code. Each class registers with its main Auto
+# class (`register_for_auto_class`, in the package's `__init__`), so that transformers' `custom_object_save`
+# copies its module and every module it imports relatively; this map adds the second routes (the base model, the
+# image-segmentation Auto class, the processor of a folder saved without one).
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_mask2anomaly.Mask2AnomalyConfig",
     "AutoModel": "modeling_mask2anomaly.Mask2AnomalyModel",
@@ -399,18 +395,6 @@ REMOTE_CODE_CUSTOM_PIPELINES = {
 }
 
 
-def copy_remote_code(save_directory: str | os.PathLike) -> list[str]:
-    """Copy the remote-code files that sit beside this module into `save_directory`; returns their names."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    copied = []
-    for name in REMOTE_CODE_FILES:
-        source = os.path.join(here, name)
-        if os.path.isfile(source):
-            shutil.copyfile(source, os.path.join(save_directory, name))
-            copied.append(name)
-    return copied
-
-
 class Mask2AnomalyPreTrainedModel(Mask2FormerPreTrainedModel):
     config: Mask2AnomalyConfig
     config_class = Mask2AnomalyConfig
@@ -431,11 +415,19 @@ class Mask2AnomalyPreTrainedModel(Mask2FormerPreTrainedModel):
         """[`PreTrainedModel.save_pretrained`], plus the remote-code files, an `auto_map` for every Auto class
         and the custom pipelines, so the folder loads (and serves `pipeline(...)`) with `trust_remote_code=True`
         where this package is not installed."""
+        # config.json names the processor and the pipelines too, so their files must travel with this one: these
+        # relative imports are what transformers' custom_object_save follows (it reads them from the source).
+        from .image_processing_mask2anomaly import Mask2AnomalyImageProcessor  # noqa: F401
+        from .pipeline_mask2anomaly import Mask2AnomalySegmentationPipeline  # noqa: F401
+
         self.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
         self.config.custom_pipelines = copy.deepcopy(REMOTE_CODE_CUSTOM_PIPELINES)
+        if not self.is_remote_code():
+            # a class loaded from remote code by its own name, not through an Auto class
+            type(self).register_for_auto_class(
+                "AutoModel" if isinstance(self, Mask2AnomalyModel) else "AutoModelForUniversalSegmentation"
+            )
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            copy_remote_code(save_directory)
 
 
 class Mask2AnomalyModel(Mask2AnomalyPreTrainedModel, Mask2FormerModel):
@@ -572,15 +564,81 @@ class Mask2AnomalyForUniversalSegmentation(Mask2AnomalyPreTrainedModel, Mask2For
             return output.to_tuple()
         return output
 
+    @classmethod
+    def from_mask2former(
+        cls, folder_or_model: str | os.PathLike | Mask2FormerForUniversalSegmentation, **from_pretrained_kwargs
+    ) -> Mask2AnomalyForUniversalSegmentation:
+        """Start a Mask2Anomaly model from a transformers Mask2Former (a folder, a Hub id, or a loaded model).
+
+        Every Mask2Former weight is copied; each decoder layer's new background attention
+        (`cross_attn_background`) starts as a copy of its foreground attention (`cross_attn`), which is how GMA
+        fine-tuning starts from a closed-set Mask2Former. `from_pretrained_kwargs` go to
+        `Mask2FormerForUniversalSegmentation.from_pretrained`.
+        """
+        if isinstance(folder_or_model, Mask2FormerForUniversalSegmentation):
+            source = folder_or_model
+        else:
+            source = Mask2FormerForUniversalSegmentation.from_pretrained(folder_or_model, **from_pretrained_kwargs)
+        model = cls(mask2anomaly_config_from_mask2former(source.config))
+        weights = source.state_dict()
+        background = {
+            key: weights[key.replace(".cross_attn_background.", ".cross_attn.")]
+            for key in model.state_dict()
+            if ".cross_attn_background." in key
+        }
+        result = model.load_state_dict({**weights, **background}, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"Mask2Former weights do not fit Mask2Anomaly: missing {sorted(result.missing_keys)[:12]}; "
+                f"unexpected {sorted(result.unexpected_keys)[:12]}"
+            )
+        layers = len(model.model.transformer_module.decoder.layers)
+        logger.warning(
+            f"Initialised Mask2Anomaly from Mask2Former: the background attention (cross_attn_background) of each of "
+            f"the {layers} decoder layers is a copy of its foreground attention (cross_attn); fine-tune before use"
+        )
+        return model.to(next(source.parameters()).dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mask2Former <-> Mask2Anomaly configs
+# --------------------------------------------------------------------------------------------------------------
+def mask2former_config_from_mask2anomaly(config: Mask2AnomalyConfig) -> Mask2FormerConfig:
+    """The same architecture as a plain transformers `Mask2FormerConfig` (no global masked attention), e.g. to
+    compare a Mask2Anomaly model with the Mask2Former it extends."""
+    fields = {k: v for k, v in config.to_dict().items() if k in Mask2FormerConfig.__dataclass_fields__}
+    fields.pop("model_type", None)
+    fields["backbone_config"] = config.backbone_config
+    return Mask2FormerConfig(**fields)
+
+
+def mask2anomaly_config_from_mask2former(mask2former_config: Mask2FormerConfig) -> Mask2AnomalyConfig:
+    """A `Mask2AnomalyConfig` with the architecture, classes and loss weights of a Mask2Former config and
+    global masked attention switched on."""
+    values = mask2former_config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
+        values.pop(key, None)
+    values["global_masked_attention"] = True
+    # Refinement suppresses anomalies under confident Cityscapes "stuff" masks (train ids 2..10); it only
+    # means something for a model with the Cityscapes classes.
+    names = [str(name).lower() for _, name in sorted((int(i), n) for i, n in values.get("id2label", {}).items())]
+    if tuple(names) == CITYSCAPES_CLASSES:
+        values.update(refine=True, refine_class_ids=list(CITYSCAPES_REFINE_CLASS_IDS))
+    else:
+        logger.info("the Mask2Former's classes are not Cityscapes': mask refinement is switched off")
+        values.update(refine=False, refine_class_ids=[])
+    return Mask2AnomalyConfig(**values)
+
 
 __all__ = [
     "REMOTE_CODE_AUTO_MAP",
     "REMOTE_CODE_CUSTOM_PIPELINES",
-    "copy_remote_code",
     "Mask2AnomalyForUniversalSegmentation",
     "Mask2AnomalyLoss",
     "Mask2AnomalyModel",
     "Mask2AnomalyPreTrainedModel",
     "class_mask_scores",
+    "mask2anomaly_config_from_mask2former",
+    "mask2former_config_from_mask2anomaly",
     "mask_contrastive_loss",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,9 @@ import torch
 
 from modeling_mask2anomaly import mask_contrastive_loss
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_r50_small"
+from shared_paths import SHARED_FIXTURES
+
+FIXTURES = SHARED_FIXTURES / "official_r50_small"
 
 
 def naive_loss(class_logits, mask_logits, outlier_labels, margin=1.0, form="margin") -> float:

@@ -52,9 +52,10 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.utils import logging as hf_logging
 
 from .checkpoint import TrainingProgress, resolve_resume, save_checkpoint
@@ -74,12 +75,18 @@ from .loop import (
 from .model import build_model, freeze_backbone, set_train_mode
 from .optim import parameter_groups, poly_schedule
 from .sampling import micro_batches
+from .reporting import log_line, metrics_summary, quiet_library_logging, startup_summary, tracker_values
 from .sources import stage_data
 
 logger = get_logger(__name__)
 
 TRAINING_CONFIG_NAME = "training_config.yaml"
 EVAL_RESULTS_NAME = "eval_results.json"
+
+
+class ResumeMismatchError(ValueError):
+    """``--resume`` of a checkpoint whose stage or max_steps differ from the run's (the poly schedule's length
+    would change): the message is one line naming both."""
 
 
 def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1, max_steps: int | None = None,
@@ -121,10 +128,13 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
 
     # Same initial weights on every process (DDP would broadcast them anyway; this also makes runs repeatable).
     set_seed(run.seed)
+    logger.info(f"stage {stage}: building the model" + (f" from {init_from}" if init_from else ""),
+                main_process_only=True)
     model, processor = build_model(config, init_from)
     if settings.freeze_backbone:
         freeze_backbone(model)
 
+    logger.info("preparing the data (rendered or read once, then reused from the datasets cache)", main_process_only=True)
     with accelerator.main_process_first():  # the first process builds the `datasets` caches, the others reuse them
         dataset, transform, validation = stage_data(config, stage, processor)
 
@@ -139,8 +149,10 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
     if start is not None:
         accelerator.load_state(str(start))
         if progress.stage != stage or progress.max_steps != settings.max_steps:
-            raise ValueError(f"checkpoint {start} belongs to stage {progress.stage} with max_steps "
-                             f"{progress.max_steps}; this run is stage {stage} with max_steps {settings.max_steps}")
+            raise ResumeMismatchError(
+                f"--resume: checkpoint {start} belongs to stage {progress.stage} with max_steps {progress.max_steps}; "
+                f"this run is stage {stage} with max_steps {settings.max_steps} (the schedule's length cannot change "
+                f"mid-run: resume with --max-steps {progress.max_steps}, or train into a new --output-dir)")
         logger.info(f"resumed from {start} at step {progress.step}", main_process_only=True)
     elif resume == "latest":
         logger.info(f"no checkpoint in {checkpoint_dir}; starting from step 0", main_process_only=True)
@@ -151,9 +163,19 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
                   "num_processes": accelerator.num_processes, "config": config.to_dict()}
         with open(output_dir / TRAINING_CONFIG_NAME, "w", encoding="utf-8") as handle:
             yaml.safe_dump(record, handle, sort_keys=False)
+    tensorboard_dir = None
     if tracker is not None:
-        accelerator.init_trackers(f"mask2anomaly-stage{stage}", config={"max_steps": settings.max_steps,
-                                  "learning_rate": settings.learning_rate, "batch_size": settings.batch_size})
+        # no `config=`: TensorBoard would write it as an hparams run of its own, empty of scalars; the recipe is in
+        # training_config.yaml
+        accelerator.init_trackers(f"mask2anomaly-stage{stage}")
+        tensorboard_dir = str(output_dir / f"mask2anomaly-stage{stage}")
+    if accelerator.is_main_process:
+        logger.info(startup_summary(
+            stage=stage, num_images=len(dataset), max_steps=settings.max_steps, start_step=progress.step,
+            batch_size=settings.batch_size, per_process=per_process, num_processes=accelerator.num_processes,
+            accumulation=settings.gradient_accumulation_steps, learning_rate=settings.learning_rate,
+            output_dir=str(output_dir), checkpoint_dir=str(checkpoint_dir), tensorboard_dir=tensorboard_dir,
+            validation=sorted(validation)))
 
     def run_evaluation() -> dict[str, float]:
         if not validation:
@@ -171,38 +193,47 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
     window: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
     bar = _progress_bar(accelerator, progress.step, settings.max_steps, stage)
+    # the first batch waits for the data-loader workers and the first augmentations: say so on the bar
+    bar.set_postfix_str("waiting for the first batch")
     accumulation = settings.gradient_accumulation_steps
-    while progress.step < settings.max_steps:
-        batches = [_to_device(next(stream), accelerator.device) for _ in range(accumulation)]
-        for key, value in optimizer_step(model, batches, optimizer, scheduler, accelerator,
-                                         settings.max_grad_norm).items():
-            window[key] = window.get(key, 0.0) + value
-        progress.step += 1
-        window_steps += 1
-        bar.update(1)
+    eval_keys: set[str] = set()
+    with logging_redirect_tqdm():  # log lines above the bar, not glued onto it
+        while progress.step < settings.max_steps:
+            batches = [_to_device(next(stream), accelerator.device) for _ in range(accumulation)]
+            for key, value in optimizer_step(model, batches, optimizer, scheduler, accelerator,
+                                             settings.max_grad_norm).items():
+                window[key] = window.get(key, 0.0) + value
+            progress.step += 1
+            window_steps += 1
+            if window_steps == 1 and not progress.history:
+                bar.set_postfix_str("", refresh=False)  # the first batch came
+            bar.update(1)
 
-        log: dict[str, float] = {}
-        if progress.step % run.logging_steps == 0 or progress.step == settings.max_steps:
-            means = torch.tensor([window[k] / window_steps for k in sorted(window)], device=accelerator.device)
-            means = accelerator.reduce(means, reduction="mean")
-            log = dict(zip(sorted(window), means.tolist()))
-            log["lr"] = max(scheduler.get_last_lr())  # the head's rate (the backbone runs at a fraction)
-            log["seconds_per_step"] = (time.perf_counter() - window_start) / window_steps
-            window, window_steps, window_start = {}, 0, time.perf_counter()
-            bar.set_postfix(loss=f"{log['loss']:.3f}")
-        if run.eval_steps and progress.step % run.eval_steps == 0 and progress.step < settings.max_steps:
-            log.update(run_evaluation())
-        if log:
-            log["step"] = progress.step
-            progress.history.append(log)
-            accelerator.log(log, step=progress.step)
-            logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in log.items()),
-                        main_process_only=True)
-        if run.checkpoint_steps and progress.step % run.checkpoint_steps == 0:
-            save_checkpoint(accelerator, checkpoint_dir, progress.step, run.save_total_limit)
+            log: dict[str, float] = {}
+            if progress.step % run.logging_steps == 0 or progress.step == settings.max_steps:
+                means = torch.tensor([window[k] / window_steps for k in sorted(window)], device=accelerator.device)
+                means = accelerator.reduce(means, reduction="mean")
+                log = dict(zip(sorted(window), means.tolist()))
+                log["lr"] = max(scheduler.get_last_lr())  # the head's rate (the backbone runs at a fraction)
+                log["seconds_per_step"] = (time.perf_counter() - window_start) / window_steps
+                window, window_steps, window_start = {}, 0, time.perf_counter()
+                bar.set_postfix(loss=f"{log['loss']:.3f}")
+            if run.eval_steps and progress.step % run.eval_steps == 0 and progress.step < settings.max_steps:
+                scores = run_evaluation()
+                eval_keys.update(scores)
+                log.update(scores)
+            if log:
+                accelerator.log(tracker_values(log, eval_keys), step=progress.step)
+                logger.info(log_line(progress.step, settings.max_steps, log, eval_keys), main_process_only=True)
+                log["step"] = progress.step
+                progress.history.append(log)
+            if run.checkpoint_steps and progress.step % run.checkpoint_steps == 0:
+                save_checkpoint(accelerator, checkpoint_dir, progress.step, run.save_total_limit)
     bar.close()
 
     final = run_evaluation()
+    if final:
+        accelerator.log(tracker_values(final, set(final)), step=progress.step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
@@ -211,7 +242,8 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
         with open(output_dir / EVAL_RESULTS_NAME, "w", encoding="utf-8") as handle:
             json.dump({"stage": stage, "step": progress.step, "final": final, "history": progress.history},
                       handle, indent=2)
-        logger.info(f"wrote the model to {output_dir}" + (f"; {final}" if final else ""), main_process_only=True)
+        logger.info(f"stage {stage} done after {progress.step} steps: model in {output_dir}"
+                    + (f"; {metrics_summary(final)}" if final else ""), main_process_only=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
@@ -224,13 +256,21 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     """The command once its arguments are parsed (`cli.build_parser`) and its threads set."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()  # "Writing model shards" at the end says nothing the summary does not
+    quiet_library_logging()
     try:
         config = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     command = " ".join(["mask2anomaly-train", *(sys.argv[1:] if argv is None else argv)])
-    train(config, args.output_dir, stage=args.stage, max_steps=args.max_steps, resume=args.resume,
-          init_from=args.init_from, checkpoint_dir=args.checkpoint_dir, command=command)
+    try:
+        train(config, args.output_dir, stage=args.stage, max_steps=args.max_steps, resume=args.resume,
+              init_from=args.init_from, checkpoint_dir=args.checkpoint_dir, command=command)
+    except ResumeMismatchError as error:
+        # every process finds the mismatch; one line, from the main process only
+        if PartialState().is_main_process:
+            print(f"mask2anomaly-train: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

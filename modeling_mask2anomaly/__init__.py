@@ -19,7 +19,7 @@ import importlib.machinery
 import importlib.util
 import sys
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # public name -> submodule that defines it
 _EXPORTS: dict[str, str] = {
@@ -47,37 +47,6 @@ _EXPORTS: dict[str, str] = {
     "resolve_device": "inference",
 }
 
-if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
-    from .configuration_mask2anomaly import (
-        CITYSCAPES_CLASSES,
-        CITYSCAPES_REFINE_CLASS_IDS,
-        OUTLIER_LABEL,
-        Mask2AnomalyConfig,
-    )
-    from .image_processing_mask2anomaly import (
-        IMAGE_EXTENSIONS,
-        AnomalySemanticOutput,
-        Mask2AnomalyImageProcessor,
-        load_image,
-    )
-    from .inference import (
-        AnomalyPrediction,
-        batches_of_equal_size,
-        iter_predict_anomaly,
-        load_model_and_processor,
-        predict_anomaly,
-        resolve_device,
-    )
-    from .modeling_mask2anomaly import (
-        Mask2AnomalyForUniversalSegmentation,
-        Mask2AnomalyModel,
-        Mask2AnomalyPreTrainedModel,
-        class_mask_scores,
-        mask_contrastive_loss,
-    )
-    from .scorers import ANOMALY_SCORERS, SCORERS, Scorer
-
-
 def __getattr__(name: str) -> Any:
     module_name = _EXPORTS.get(name)
     if module_name is None:
@@ -102,7 +71,8 @@ def _importing_own_module(finishing: str | None = None) -> bool:
     now: registering would then import it circularly."""
     prefix = __name__ + "."
     for name, module in list(sys.modules.items()):
-        if name.startswith(prefix) and name != finishing and getattr(getattr(module, "__spec__", None), "_initializing", False):
+        spec = getattr(module, "__spec__", None)
+        if name.startswith(prefix) and name != finishing and getattr(spec, "_initializing", False):
             return True
     return False
 

@@ -3,7 +3,7 @@ the standard library at import, so that ``--help`` and argument errors are insta
 
 Every entry point parses its arguments here, sets the thread count (`apply_threads`), and only then imports the
 module that does the work (torch, transformers): `predict_main` -> `predict.run`, `convert_main` ->
-`conversion.cli.run`. The other packages' command
+`conversion.cli.run`, `backbone_main` -> `conversion.backbone.run`. The other packages' command
 lines (`mask2anomaly_training.cli`, `mask2anomaly_eval.cli`, `mask2anomaly_model_cards.cli`) use the helpers of this
 module: `HelpFormatter` (every default shown) and `add_threads_argument` / `apply_threads`.
 """
@@ -152,6 +152,29 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `mask2anomaly-convert` (see `conversion.cli`)."""
     args = build_convert_parser().parse_args(argv)
     from .conversion.cli import run
+
+    return run(args)
+
+
+def build_backbone_parser() -> argparse.ArgumentParser:
+    """The command line of `mask2anomaly-backbone`."""
+    parser = argparse.ArgumentParser(
+        prog="mask2anomaly-backbone", formatter_class=HelpFormatter,
+        description="Check a ResNet backbone checkpoint (torchvision .pth, detectron2 .pkl, transformers "
+                    ".safetensors) against a Mask2Anomaly ResNet and write it in transformers' names.",
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="e.g. Barlow Twins' resnet50.pth")
+    parser.add_argument("--output", required=True, type=Path, help=".safetensors file to write")
+    parser.add_argument("--depths", type=int, nargs=4, default=[3, 4, 6, 3], metavar="N",
+                        help="blocks per stage (default ResNet-50: 3 4 6 3; ResNet-101: 3 4 23 3)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    return parser
+
+
+def backbone_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `mask2anomaly-backbone` (see `conversion.backbone`)."""
+    args = build_backbone_parser().parse_args(argv)
+    from .conversion.backbone import run
 
     return run(args)
 

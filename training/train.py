@@ -38,7 +38,6 @@ resumption) and `evaluation` (periodic validation).
 
 from __future__ import annotations
 
-
 import argparse
 import copy
 import json
@@ -59,8 +58,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.utils import logging as hf_logging
 
 from .checkpoint import TrainingProgress, resolve_resume, save_checkpoint
-from .collate import TrainingCollator
 from .cli import build_parser, main  # noqa: F401  (`python -m mask2anomaly_training.train`; the Trainer route)
+from .collate import TrainingCollator
 from .config import TrainingConfig, load_config
 from .evaluation import evaluate_anomaly
 from .loop import (
@@ -74,8 +73,8 @@ from .loop import (
 )
 from .model import build_model, freeze_backbone, set_train_mode
 from .optim import parameter_groups, poly_schedule
-from .sampling import micro_batches
 from .reporting import log_line, metrics_summary, quiet_library_logging, startup_summary, tracker_values
+from .sampling import micro_batches
 from .sources import stage_data
 
 logger = get_logger(__name__)
@@ -134,7 +133,8 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
     if settings.freeze_backbone:
         freeze_backbone(model)
 
-    logger.info("preparing the data (rendered or read once, then reused from the datasets cache)", main_process_only=True)
+    logger.info("preparing the data (rendered or read once, then reused from the datasets cache)",
+                main_process_only=True)
     with accelerator.main_process_first():  # the first process builds the `datasets` caches, the others reuse them
         dataset, transform, validation = stage_data(config, stage, processor)
 

@@ -50,13 +50,13 @@ from mask2anomaly_eval.loop import evaluate_splits
 from modeling_mask2anomaly.atomic_io import write_text_atomically
 from modeling_mask2anomaly.cli import apply_threads
 
+from .cli import build_parser
 from .collate import LABEL_NAMES, TrainingCollator
 from .config import TrainingConfig, load_config
 from .loop import resolve_mixed_precision, resolve_tracker
 from .model import backbone_of, build_model, freeze_backbone
 from .optim import parameter_groups, poly_schedule
 from .sources import stage_data
-from .cli import build_parser
 
 logger = logging.get_logger(__name__)
 

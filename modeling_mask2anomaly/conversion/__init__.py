@@ -17,6 +17,8 @@ in a checkpoint can run code.
 
 One module per step:
 
+- `backbone`: the backbone's starting weights (Barlow Twins / torchvision / detectron2 ResNet layouts;
+  `mask2anomaly-backbone`);
 - `checkpoint`: reading checkpoints (`load_official_state_dict`);
 - `detectron2_config`: reading detectron2 YAML configs safely (`config_from_detectron2_yaml`, test-time
   pre-processing);

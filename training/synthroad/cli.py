@@ -11,7 +11,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from modeling_mask2anomaly.atomic_io import write_atomically, write_text_atomically  # the project's one atomic writer (stdlib only)
+from modeling_mask2anomaly.atomic_io import (  # the project's one atomic writer (stdlib only)
+    write_atomically,
+    write_text_atomically,
+)
 from modeling_mask2anomaly.cli import HelpFormatter
 
 from .labels import GENERATOR_VERSION, METADATA_NAME, SPLITS

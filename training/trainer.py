@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import speed_metrics
 from transformers.utils import logging
@@ -89,6 +90,11 @@ class Mask2AnomalyTrainer(Trainer):
                  eval_refine: bool | None = None, eval_flip_tta: bool | None = False,
                  eval_max_images: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # TensorBoard's callback only puts its events under output_dir when training starts; an evaluate() before
+        # (or without) train() would write them into ./runs of the working folder
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = os.path.join(self.args.output_dir, default_logdir())
         self.frozen_backbone = frozen_backbone
         self.eval_scorer, self.eval_refine, self.eval_flip_tta = eval_scorer, eval_refine, eval_flip_tta
         self.eval_max_images = eval_max_images

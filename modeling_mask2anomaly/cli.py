@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .scorers import ANOMALY_SCORERS
+from .scorers import ANOMALY_SCORERS, SCORERS
 
 # ------------------------------------------------------------------------------------------------ shared helpers
 
@@ -118,7 +118,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--anomaly-threshold", "--threshold", dest="anomaly_threshold", type=float, default=None,
                         metavar="VALUE",
                         help="anomaly decision threshold for the summary and the colour bar mark "
-                             "(default: the processor's anomaly_threshold)")
+                             "(default: the processor's anomaly_threshold for its own scorer, the scorer's default "
+                             "for another one: " + ", ".join(f"{name} {scorer.default_threshold:g}"
+                                                           for name, scorer in SCORERS.items()) + ")")
     return parser
 
 

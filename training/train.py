@@ -267,9 +267,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
         train(config, args.output_dir, stage=args.stage, max_steps=args.max_steps, resume=args.resume,
               init_from=args.init_from, checkpoint_dir=args.checkpoint_dir, command=command)
     except ResumeMismatchError as error:
-        # every process finds the mismatch; one line, from the main process only
-        if PartialState().is_main_process:
-            print(f"mask2anomaly-train: {error}", file=sys.stderr)
+        # every process finds the mismatch; one line, from the main process only, and the others wait for it (a
+        # launcher stops the remaining processes when the first one exits)
+        state = PartialState()
+        if state.is_main_process:
+            print(f"mask2anomaly-train: {error}", file=sys.stderr, flush=True)
+        state.wait_for_everyone()
         return 2
     return 0
 

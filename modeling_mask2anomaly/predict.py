@@ -15,6 +15,14 @@ Images are read lazily (converted to RGB once, by `load_image`) and predicted up
 images there are; only consecutive images of the same processed size share a batch, so the maps do not depend on
 `--batch-size`. The processor resizes to shortest side 1024 / longest 2048 unless `--no-resize`.
 
+`--backend` picks what runs the network (`backends.py`): the PyTorch model (`torch`, `--compile` for
+torch.compile), or a folder written by `mask2anomaly-export` in ONNX Runtime (`onnxruntime`) or OpenVINO
+(`openvino`); pre- and post-processing are the same for all. A graph of fixed input size gets each image padded to
+it (shrunk to fit first when it is larger); with `--no-resize` an image too large for it is reported and skipped.
+
+`--num-processes N` (or `accelerate launch ... -m modeling_mask2anomaly.predict`) shards the inputs across
+processes (`sharding.py`): each image is predicted once, by one process, into the same files one process writes.
+
 Flags are named as the processor settings they override: `--anomaly-scorer` (`anomaly_scorer`; alias `--scorer`)
 and `--anomaly-threshold` (`anomaly_threshold`; alias `--threshold`).
 """
@@ -29,6 +37,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,14 +45,16 @@ from tqdm.auto import tqdm
 
 from .atomic_io import write_atomically
 from .image_processing_mask2anomaly import IMAGE_EXTENSIONS, load_image
+from .backends import BACKENDS, Backend, MissingExtraError, TorchBackend, check_backend_options, load_backend
 from .inference import (
     AnomalyPrediction,
-    _input_placement,
+    backend_input_size,
     batches_of_equal_size,
     load_model_and_processor,
     predict_batch,
     resolve_device,
 )
+from .sharding import current_process, launch, launched_world_size, shard
 from .scorers import ANOMALY_SCORERS
 from .visualize import anomaly_summary, default_score_range, render_heatmap, render_semantic
 
@@ -183,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="weights and activations of the forward pass on a GPU; pre- and post-processing stay "
                              "float32 (the CPU runs float32 only; default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="what runs the network: torch (the model folder), onnxruntime or openvino (a folder "
+                             "written by mask2anomaly-export; extras [onnx] / [openvino]); pre- and post-processing "
+                             "are the same for all (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch backend: run the model through torch.compile (the first image of each size "
+                             "compiles, later ones are faster)")
+    parser.add_argument("--num-processes", type=int, default=1, metavar="N",
+                        help="shard the inputs across N processes on this machine, each image predicted once, the "
+                             "outputs those of one process (or start the command with `accelerate launch`; "
+                             "default: %(default)s)")
     parser.add_argument("--no-refine", action="store_true", help="turn off mask refinement by confident stuff masks")
     parser.add_argument("--no-flip", action="store_true", help="turn off horizontal-flip test-time augmentation")
     parser.add_argument("--no-resize", action="store_true",
@@ -223,31 +245,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mask2anomaly-predict: --batch-size must be at least 1; got {args.batch_size}", file=sys.stderr)
         return 2
     try:
+        world = launched_world_size()
+        if args.num_processes < 1 or (world > 1 and args.num_processes not in (1, world)):
+            raise ValueError(f"--num-processes must be at least 1 and, under a launcher, its number of processes "
+                             f"({world}); got {args.num_processes}")
         device = resolve_device(args.device)
         check_dtype_for_device(args.dtype, device)
-    except ValueError as err:
+        check_backend_options(args.backend, DTYPES[args.dtype], args.compile)
+    except (ValueError, MissingExtraError) as err:
         print(f"mask2anomaly-predict: {err}", file=sys.stderr)
         return 2
+    if args.num_processes > 1 and world == 1:
+        # the workers run this same command line; WORLD_SIZE tells each it is one of them
+        return launch("modeling_mask2anomaly.predict", sys.argv[1:] if argv is None else list(argv),
+                      args.num_processes)
+    process = current_process(cpu=device.type == "cpu")
+    if process.count > 1 and device.type == "cuda":
+        device = torch.device("cuda", process.local_index % torch.cuda.device_count())
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths, problems = collect_inputs(args.inputs, exclude_dir=output_dir)
+    if not process.is_main:
+        problems = []  # every process finds the same; the first one reports and counts them
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not paths:
         print("mask2anomaly-predict: no input images", file=sys.stderr)
         return 1
+    # names are decided on the whole list, so that the processes write what one process would
+    stems = shard(output_stems(paths), process.index, process.count)
+    paths = shard(paths, process.index, process.count)
 
-    model, processor = load_model_and_processor(args.model, device, DTYPES[args.dtype])
-    model.eval()
+    try:
+        backend, processor = _load_backend(args, device)
+    except (FileNotFoundError, MissingExtraError, ValueError) as err:
+        print(f"mask2anomaly-predict: {err}", file=sys.stderr)
+        return 2
     do_resize = False if args.no_resize else None  # None: the processor's own setting
     flip_tta = processor.flip_tta and not args.no_flip
     refine = processor.refine and not args.no_refine
     scorer = args.anomaly_scorer or processor.anomaly_scorer
     threshold = processor.anomaly_threshold if args.anomaly_threshold is None else args.anomaly_threshold
-    device, dtype = _input_placement(model, device)
 
     failures = len(problems)
-    progress = tqdm(total=len(paths), desc="mask2anomaly-predict", unit="image", file=sys.stderr)
+    progress = tqdm(total=len(paths), desc="mask2anomaly-predict", unit="image", file=sys.stderr,
+                    disable=not process.is_main)
 
     def report(path: Path, reason: str) -> None:
         nonlocal failures
@@ -257,15 +299,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         tqdm.write(f"error: {message}", file=sys.stderr)
         progress.update(1)
 
-    def processed_size(item: _Loaded) -> tuple[int, int]:
-        return processor.processed_size(item.image.shape[:2], do_resize)
+    def input_size(item: _Loaded) -> tuple[int, int]:
+        return backend_input_size(processor, item.image.shape[:2], do_resize, backend.input_size)
+
+    def fitting(images: Iterator[_Loaded]) -> Iterator[_Loaded]:
+        """The images the backend can take; one that a fixed-size graph cannot is reported and skipped."""
+        for item in images:
+            try:
+                input_size(item)
+            except ValueError as err:
+                report(item.path, str(err))
+                continue
+            yield item
 
     # the one batching of the path, so that a failed pass is reported per file
-    images = _read_images(paths, output_stems(paths), report)
-    for batch in batches_of_equal_size(images, args.batch_size, processed_size):
+    images = fitting(_read_images(paths, stems, report))
+    for batch in batches_of_equal_size(images, args.batch_size, input_size):
         try:
-            predictions = predict_batch(model, processor, [item.image for item in batch], flip_tta, refine=refine,
-                                        scorer=scorer, device=device, dtype=dtype, do_resize=do_resize)
+            predictions = predict_batch(backend, processor, [item.image for item in batch], flip_tta,
+                                        refine=refine, scorer=scorer, do_resize=do_resize)
         except (RuntimeError, ValueError, MemoryError) as err:
             for item in batch:
                 report(item.path, f"prediction failed ({err})")
@@ -281,10 +333,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         del predictions, batch
     progress.close()
     if failures:
-        print(f"mask2anomaly-predict: {failures} input(s) failed; outputs of the others are in {output_dir}",
+        where = f" (process {process.index + 1} of {process.count})" if process.count > 1 else ""
+        print(f"mask2anomaly-predict: {failures} input(s) failed{where}; outputs of the others are in {output_dir}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _load_backend(args: argparse.Namespace, device: torch.device) -> tuple[Backend, Any]:
+    """The backend and processor the flags ask for (the torch backend through `load_model_and_processor`)."""
+    if args.backend == "torch":
+        model, processor = load_model_and_processor(args.model, device, DTYPES[args.dtype])
+        return TorchBackend(model, device, compile=args.compile), processor
+    return load_backend(args.model, args.backend, device)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ installed by `make install` (and so in CI); a missing one fails these tests.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -234,3 +235,15 @@ def test_cli_compile_compiles_the_model(monkeypatch, tmp_path, capsys):
     assert len(calls) == 1 and calls[0][1] == {"mode": None, "backend": "inductor"}
     assert calls[0][0].config.model_type == "mask2anomaly"
     assert (tmp_path / f"{SAMPLES[0].stem}_anomaly.npy").is_file()
+
+
+def test_bench_backends_runs_and_prints_ratios():
+    """The benchmark script's table (tiny config, torch forms only: the ONNX forms need an export per size)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_backends.py"), "--config", "tiny", "--sizes", "64x128",
+         "--repeats", "1", "--forms", "stock", "eager", "--end-to-end", "--threads", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith("  ")}
+    assert rows["stock"][2] == "1.00" and rows["eager"][-1] == "0.0e+00"

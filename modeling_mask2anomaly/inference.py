@@ -1,6 +1,7 @@
 """Inference drivers: load a model with its processor, pick the device, and run images through the one path
-image -> RGB uint8 (once) -> batches of one processed size (once) -> processor -> model -> one-pass
-post-processing (`Mask2AnomalyImageProcessor.post_process_anomaly_and_semantic`) -> `AnomalyPrediction`.
+image -> RGB uint8 (once) -> batches of one processed size (once) -> processor -> backend (the network: the PyTorch
+model, compiled or not, ONNX Runtime or OpenVINO; `backends.py`) -> one-pass post-processing
+(`Mask2AnomalyImageProcessor.post_process_anomaly_and_semantic`) -> `AnomalyPrediction`.
 
 Not remote code: the image processor is a pure data transform and never runs a model; this module does.
 """
@@ -19,10 +20,10 @@ from transformers.models.mask2former.modeling_mask2former import Mask2FormerForU
 from transformers.image_utils import SizeDict
 from transformers.utils import logging
 
+from .backends import Backend, BackendName, TorchBackend, load_backend
 from .configuration_mask2anomaly import LEGACY_PROCESSOR_KEYS, legacy_processor_settings
 from .image_processing_mask2anomaly import ImageLike, Mask2AnomalyImageProcessor, to_rgb_uint8
 from .modeling_mask2anomaly import Mask2AnomalyForUniversalSegmentation
-from .backends import Backend, BackendName, TorchBackend, load_backend
 
 logger = logging.get_logger(__name__)
 

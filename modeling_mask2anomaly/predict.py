@@ -44,8 +44,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic_io import write_atomically
-from .image_processing_mask2anomaly import IMAGE_EXTENSIONS, load_image
 from .backends import BACKENDS, Backend, MissingExtraError, TorchBackend, check_backend_options, load_backend
+from .image_processing_mask2anomaly import IMAGE_EXTENSIONS, load_image
 from .inference import (
     AnomalyPrediction,
     backend_input_size,
@@ -54,8 +54,8 @@ from .inference import (
     predict_batch,
     resolve_device,
 )
-from .sharding import current_process, launch, launched_world_size, shard
 from .scorers import ANOMALY_SCORERS
+from .sharding import current_process, launch, launched_world_size, shard
 from .visualize import anomaly_summary, default_score_range, render_heatmap, render_semantic
 
 OUTPUT_SUFFIXES: tuple[str, ...] = ("_anomaly.npy", "_heatmap.png", "_semantic.png")

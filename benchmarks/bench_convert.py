@@ -221,7 +221,7 @@ def paper_state_dict(fill: Filler | None = None, frozen_bn: bool = False) -> dic
 _CHILD = """
 import json, resource, sys, time
 start = time.perf_counter()
-from modeling_mask2anomaly.convert import convert_checkpoint
+from modeling_mask2anomaly.conversion import convert_checkpoint
 imported = time.perf_counter()
 baseline_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 convert_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -27,8 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Mask2FormerForUniversalSegmentation
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
-from modeling_mask2anomaly.convert import mask2former_config_from_mask2anomaly
 from modeling_mask2anomaly.inference import resolve_device
+from modeling_mask2anomaly.modeling_mask2anomaly import mask2former_config_from_mask2anomaly
 
 
 # Nominal dense matrix peaks (TFLOP/s, without sparsity) of GPUs the project is benchmarked on, by name fragment.

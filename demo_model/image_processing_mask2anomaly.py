@@ -10,26 +10,18 @@ to the padded input size, sigmoid, class-weighted sum, crop, resize to the origi
 computed in blocks of rows so that memory stays bounded at full resolution.
 
 Anomaly scorers (``S_c(x) = sum_q softmax(class_q)[c] * sigmoid(m_q(x))`` over the C known classes, the
-softmax taken over all C+1 columns; ``L_c(x) = sum_q softmax(class_q)[c] * m_q(x)`` the same sum over the
-upsampled mask *logits*; higher = more anomalous):
-
-============== ============================================================================================
-scorer         anomaly score a(x)
-============== ============================================================================================
-mask2anomaly   ``1 - max_c S_c(x)`` (the paper's and the official code's score; can go below 0)
-rba            ``-sum_c tanh(S_c(x))`` (Rejected by All, Nayal et al. 2023)
-eam            ``1 - sum_q sigmoid(m_q(x)) * max_c softmax(class_q)[c]`` (max over the C known classes)
-msp            ``1 - max_c S_c(x) / sum_c S_c(x)`` (maximum softmax-style probability of S normalised over C)
-max_logit      ``-max_c L_c(x)``
-energy         ``-logsumexp_c L_c(x)`` (free energy at temperature 1 of the logits L)
-============== ============================================================================================
+softmax taken over all C+1 columns; higher = more anomalous) are registered in ``scorers.py`` with their formulas
+(``mask2anomaly``: ``1 - max_c S_c(x)``, the paper's and the official code's score; ``rba``, ``eam``, ``msp``,
+``max_logit``, ``energy``).
 
 Refinement (every scorer): queries with ``max softmax(class_q) > refine_score_threshold`` (no-object column
 included) whose argmax is in ``refine_class_ids`` are kept; if at least ``refine_min_queries`` (official: 2,
 i.e. "more than one") are kept, ``R(x) = max_kept score_q * sigmoid(m_q(x))`` and ``a(x) *= (R(x) < 0.5)``.
 
-This file travels to the Hub as remote code: it imports only the standard library, numpy, PIL, torch and
-transformers.
+The processor never runs a model: batching, flip TTA and the forward pass are in ``inference.py``.
+
+This file travels to the Hub as remote code: it imports only the standard library, numpy, PIL, torch,
+transformers and its sibling files.
 """
 
 from __future__ import annotations
@@ -37,9 +29,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +46,8 @@ from transformers.models.mask2former.image_processing_pil_mask2former import (
 )
 from transformers.utils import TensorType, logging
 
-from .configuration_mask2anomaly import ANOMALY_SCORERS, CITYSCAPES_REFINE_CLASS_IDS
+from .configuration_mask2anomaly import CITYSCAPES_REFINE_CLASS_IDS, OUTLIER_LABEL, legacy_processor_settings
+from .scorers import ANOMALY_SCORERS, DEFAULT_SCORER, SCORERS, get_scorer
 
 logger = logging.get_logger(__name__)
 
@@ -65,7 +58,6 @@ DEFAULT_MEMORY_BUDGET_MB: float = 128.0
 MASK_STRIDE: int = 4
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
-T = TypeVar("T")
 
 
 class Mask2AnomalyImageProcessorKwargs(Mask2FormerImageProcessorKwargs, total=False):
@@ -85,7 +77,7 @@ class Mask2AnomalyImageProcessorKwargs(Mask2FormerImageProcessorKwargs, total=Fa
     anomaly_threshold (`float`, *optional*, defaults to 0.5):
         Decision threshold on the anomaly score when a binary mask is needed.
     flip_tta (`bool`, *optional*, defaults to `True`):
-        Horizontal-flip test-time augmentation in `predict_anomaly`.
+        Horizontal-flip test-time augmentation (run by `inference.predict_anomaly` and the pipelines).
     """
 
     outlier_label: int
@@ -194,6 +186,11 @@ def to_rgb_uint8(image: ImageLike) -> np.ndarray:
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise ValueError(f"Expected an image with at least one pixel; got {_describe(image)}")
     return np.ascontiguousarray(array)
+
+
+# The file extensions (lower case, with the dot) that folders of images are searched for, by the predict CLI, the
+# evaluation readers and the training data builders alike; a file named explicitly is read whatever its name.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -430,30 +427,13 @@ def _render_channels(
         yield y0, y1, out[0], out[1], out[2]
 
 
-# --------------------------------------------------------------------------------------------------------
-# Scorers
-# --------------------------------------------------------------------------------------------------------
+@dataclass
+class AnomalySemanticOutput:
+    """Post-processed maps of one image, at its target size, from one rendering pass."""
 
-
-def _score_block(
-    scorer: str, class_scores: torch.Tensor, eam_sum: torch.Tensor | None, class_logits: torch.Tensor | None
-) -> torch.Tensor:
-    """Anomaly score of a block from its channels: class_scores S (C, n, W) -> (n, W); see the module table."""
-    if scorer == "mask2anomaly":
-        return class_scores.max(dim=0).values.neg_().add_(1.0)
-    if scorer == "rba":
-        return -torch.tanh(class_scores).sum(dim=0)
-    if scorer == "eam":
-        return 1.0 - eam_sum
-    if scorer == "msp":
-        # S_c > 0 everywhere (a sum of positive terms), the clamp only guards against underflow
-        total = class_scores.sum(dim=0).clamp_min(torch.finfo(class_scores.dtype).tiny)
-        return 1.0 - class_scores.max(dim=0).values / total
-    if scorer == "max_logit":
-        return -class_logits.max(dim=0).values
-    if scorer == "energy":
-        return -torch.logsumexp(class_logits, dim=0)
-    raise ValueError(f"anomaly scorer {scorer!r} is not one of {', '.join(ANOMALY_SCORERS)}")
+    anomaly_map: torch.Tensor  # (height, width) float32, higher = more anomalous (flip-averaged with flipped outputs)
+    semantic_map: torch.Tensor  # (height, width) int64 class ids, argmax_c S_c(x) of the un-flipped view
+    class_confidence: torch.Tensor  # (height, width) float32, max_c S_c(x): the winning class's score
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -475,9 +455,10 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
     the resized, padded map holds `outlier_label` (254), 0 elsewhere. Neither 254 nor `ignore_index` (255, also
     the padding value of maps) becomes a class mask.
 
-    Post-processing attributes (same names as in `Mask2AnomalyConfig`): `refine`, `refine_score_threshold`,
-    `refine_class_ids`, `refine_min_queries`, `anomaly_scorer`, `anomaly_threshold`, `flip_tta`, `outlier_label`.
-    The scorers are documented in this module's docstring.
+    The processor owns the post-processing settings `refine`, `refine_score_threshold`, `refine_class_ids`,
+    `refine_min_queries`, `anomaly_scorer`, `anomaly_threshold`, `flip_tta` (defaults of the `post_process_*`
+    arguments of the same names) and the data encoding `outlier_label`; they are saved in preprocessor_config.json
+    only. The scorers are registered in ``scorers.py``.
     """
 
     valid_kwargs = Mask2AnomalyImageProcessorKwargs
@@ -485,13 +466,13 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
     resample = PILImageResampling.BILINEAR
     size_divisor = 32
     ignore_index = 255
-    outlier_label = 254
+    outlier_label = OUTLIER_LABEL
     refine = True
     refine_score_threshold = 0.95
     refine_class_ids = list(CITYSCAPES_REFINE_CLASS_IDS)
     refine_min_queries = 2
-    anomaly_scorer = "mask2anomaly"
-    anomaly_threshold = 0.5
+    anomaly_scorer = DEFAULT_SCORER
+    anomaly_threshold = SCORERS[DEFAULT_SCORER].default_threshold
     flip_tta = True
     model_input_names = ["pixel_values", "pixel_mask"]
 
@@ -504,24 +485,18 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
 
     @staticmethod
     def _check_postprocess_settings(scorer: str, refine_min_queries: int) -> None:
-        if scorer not in ANOMALY_SCORERS:
-            raise ValueError(f"anomaly_scorer={scorer!r} is not one of {', '.join(ANOMALY_SCORERS)}")
+        get_scorer(scorer)
         if int(refine_min_queries) < 1:
             raise ValueError(f"refine_min_queries={refine_min_queries!r} must be at least 1")
 
     @classmethod
     def from_model_config(cls, config: Any, **kwargs) -> "Mask2AnomalyImageProcessor":
         """
-        A processor whose post-processing settings are copied from a `Mask2AnomalyConfig` (`refine`,
-        `refine_score_threshold`, `refine_class_ids`, `anomaly_scorer`, `anomaly_threshold`, `flip_tta`,
-        `outlier_label`, and `ignore_value` as `ignore_index`); `kwargs` override them and set the rest.
+        A processor for a model config: `ignore_value` as `ignore_index`, and the post-processing settings and
+        `outlier_label` that an older config.json still carried (`config.legacy_postprocessing`, see
+        `Mask2AnomalyConfig`); `kwargs` override them and set the rest.
         """
-        settings = {}
-        for name in ("refine", "refine_score_threshold", "refine_class_ids", "anomaly_scorer",
-                     "anomaly_threshold", "flip_tta", "outlier_label", "refine_min_queries"):
-            if hasattr(config, name):
-                value = getattr(config, name)
-                settings[name] = list(value) if name == "refine_class_ids" else value
+        settings = dict(legacy_processor_settings(config))
         if getattr(config, "ignore_value", None) is not None:
             settings["ignore_index"] = int(config.ignore_value)
         settings.update(kwargs)
@@ -787,12 +762,15 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
         want_semantic: bool,
         memory_budget_mb: float | None,
         want_class_scores: bool = False,
+        want_confidence: bool = False,
     ) -> list[dict[str, torch.Tensor]]:
-        """Anomaly (float32), semantic (int64) maps and class channels S (C, H, W) per image, from one pass."""
+        """Anomaly (float32), semantic (int64) maps, class channels S (C, H, W) and the class confidence
+        max_c S_c (float32) per image, from one rendering pass; the maps not asked for are None."""
         scorer = self.anomaly_scorer if scorer is None else scorer
         refine = self.refine if refine is None else refine
         refine_min_queries = self.refine_min_queries if refine_min_queries is None else refine_min_queries
         self._check_postprocess_settings(scorer, refine_min_queries)
+        score_with = SCORERS[scorer]
         budget = DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else float(memory_budget_mb)
         class_logits = outputs.class_queries_logits
         mask_logits = outputs.masks_queries_logits
@@ -812,14 +790,16 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
                 known = probs[:, :-1]
                 num_classes = known.shape[1]
                 sigmoid_weights = known
-                if want_anomaly and scorer == "eam":
+                # the scorer's extra channels (see scorers.py): the EAM sum rides along with the class channels
+                if want_anomaly and score_with.needs_eam:
                     sigmoid_weights = torch.cat([known, known.max(dim=1, keepdim=True).values], dim=1)
                 refinement = self._refinement_queries(probs, refine, refine_min_queries) if want_anomaly else None
-                logit_weights = known if want_anomaly and scorer in ("max_logit", "energy") else None
+                logit_weights = known if want_anomaly and score_with.needs_logits else None
 
                 device = mask_logits.device
                 anomaly = torch.empty(out_size, dtype=torch.float32, device=device) if want_anomaly else None
                 semantic = torch.empty(out_size, dtype=torch.long, device=device) if want_semantic else None
+                confidence = torch.empty(out_size, dtype=torch.float32, device=device) if want_confidence else None
                 class_map = (torch.empty((num_classes, *out_size), dtype=torch.float32, device=device)
                              if want_class_scores else None)
                 blocks = _render_channels(
@@ -830,18 +810,76 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
                     class_scores = sig_channels[:num_classes]
                     if want_semantic:
                         semantic[y0:y1] = class_scores.argmax(dim=0)
+                    if want_confidence:
+                        confidence[y0:y1] = class_scores.max(dim=0).values
                     if want_class_scores:
                         class_map[:, y0:y1] = class_scores
                     if not want_anomaly:
                         continue
-                    eam_sum = sig_channels[num_classes] if scorer == "eam" else None
-                    score = _score_block(scorer, class_scores, eam_sum, logit_channels)
+                    eam_sum = sig_channels[num_classes] if score_with.needs_eam else None
+                    score = score_with.function(class_scores, eam_sum, logit_channels)
                     if refine_channels is not None:
                         # official: a * (1 - [R >= 0.5]); filling in place avoids a bool -> float conversion
                         score.masked_fill_(refine_channels.max(dim=0).values >= 0.5, 0.0)
                     anomaly[y0:y1] = score
-                results.append({"anomaly_map": anomaly, "semantic_map": semantic, "class_scores": class_map})
+                results.append({"anomaly_map": anomaly, "semantic_map": semantic, "class_scores": class_map,
+                                "class_confidence": confidence})
         return results
+
+    def post_process_anomaly_and_semantic(
+        self,
+        outputs: Any,
+        target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+        flipped_outputs: Any | None = None,
+        refine: bool | None = None,
+        scorer: str | None = None,
+        image_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+        refine_min_queries: int | None = None,
+        memory_budget_mb: float | None = None,
+    ) -> list[AnomalySemanticOutput]:
+        """
+        Anomaly map, semantic map and class confidence per image from one rendering pass over the class channels:
+        the same values as `post_process_anomaly_segmentation` and `post_process_semantic_segmentation` (and
+        max_c S_c, the winning class's score) with the same arguments, for the cost of one of them.
+
+        Args:
+            outputs: model outputs with `class_queries_logits` (B, Q, C+1) and `masks_queries_logits` (B, Q, h, w).
+            target_sizes: original (height, width) per image (None: the padded size (4h, 4w), nothing cropped).
+            flipped_outputs: outputs for the horizontally flipped images; the anomaly map becomes the official
+                flip-TTA average `(a + fliplr(a_flip)) / 2` (refinement per view); semantic map and confidence stay
+                those of the un-flipped view.
+            refine, scorer, refine_min_queries: default to the processor's `refine`, `anomaly_scorer`,
+                `refine_min_queries`.
+            image_sizes, memory_budget_mb: as in `post_process_anomaly_segmentation`.
+
+        Returns:
+            `list[AnomalySemanticOutput]`: per image `anomaly_map` (height, width) float32, `semantic_map` (height,
+            width) int64 and `class_confidence` (height, width) float32.
+        """
+        maps = self._flip_averaged_maps(outputs, flipped_outputs, target_sizes, image_sizes, True, scorer=scorer,
+                                        refine=refine, refine_min_queries=refine_min_queries,
+                                        memory_budget_mb=memory_budget_mb)
+        return [AnomalySemanticOutput(m["anomaly_map"], m["semantic_map"], m["class_confidence"]) for m in maps]
+
+    def _flip_averaged_maps(
+        self,
+        outputs: Any,
+        flipped_outputs: Any | None,
+        target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None,
+        image_sizes: Sequence[tuple[int, int]] | torch.Tensor | None,
+        want_semantic: bool,
+        **settings: Any,
+    ) -> list[dict[str, torch.Tensor]]:
+        """`_dense_maps` of `outputs` (with the semantic map and class confidence if `want_semantic`), the anomaly
+        map averaged with that of `flipped_outputs` flipped back (official `(a + fliplr(a_flip)) / 2`)."""
+        maps = self._dense_maps(outputs, target_sizes, image_sizes, want_anomaly=True, want_semantic=want_semantic,
+                                want_confidence=want_semantic, **settings)
+        if flipped_outputs is not None:
+            flipped = self._dense_maps(flipped_outputs, target_sizes, image_sizes, want_anomaly=True,
+                                       want_semantic=False, **settings)
+            for item, other in zip(maps, flipped):
+                item["anomaly_map"] = (item["anomaly_map"] + other["anomaly_map"].flip(-1)) / 2
+        return maps
 
     def post_process_anomaly_segmentation(
         self,
@@ -879,13 +917,10 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
         Returns:
             `list[torch.Tensor]`: one float32 (height, width) anomaly map per image (higher = more anomalous).
         """
-        settings = dict(scorer=scorer, refine=refine, refine_min_queries=refine_min_queries,
-                        memory_budget_mb=memory_budget_mb, want_anomaly=True, want_semantic=False)
-        maps = [r["anomaly_map"] for r in self._dense_maps(outputs, target_sizes, image_sizes, **settings)]
-        if flipped_outputs is None:
-            return maps
-        flipped = self._dense_maps(flipped_outputs, target_sizes, image_sizes, **settings)
-        return [(a + f["anomaly_map"].flip(-1)) / 2 for a, f in zip(maps, flipped)]
+        maps = self._flip_averaged_maps(outputs, flipped_outputs, target_sizes, image_sizes, False, scorer=scorer,
+                                        refine=refine, refine_min_queries=refine_min_queries,
+                                        memory_budget_mb=memory_budget_mb)
+        return [m["anomaly_map"] for m in maps]
 
     def post_process_semantic_segmentation(
         self,
@@ -923,158 +958,12 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
         ]
 
 
-# --------------------------------------------------------------------------------------------------------
-# One call for users
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AnomalyPrediction:
-    """Prediction for one image, at its original size."""
-
-    anomaly_map: np.ndarray  # (H, W) float32, higher = more anomalous
-    semantic_map: np.ndarray  # (H, W) uint8 class ids (int64 when the model has more than 255 classes)
-
-
-def batches_of_equal_size(
-    items: Iterable[T], batch_size: int, size_of: Callable[[T], tuple[int, int]]
-) -> Iterator[list[T]]:
-    """
-    Group consecutive `items` into batches of at most `batch_size` items whose `size_of` (the processed size of the
-    image) is the same, in input order; items are drawn lazily, one batch (plus the item that closes it) at a time.
-
-    Only images of one processed size share a batch: padding an image to a larger batch-mate's size changes what
-    the network sees (and the official evaluation runs one image at a time), so results must not depend on the
-    batch size. A change of size closes the batch, so inputs sorted or grouped by size batch best.
-    """
-    batch: list[T] = []
-    batch_key: tuple[int, int] | None = None
-    for item in items:
-        key = size_of(item)
-        if batch and (key != batch_key or len(batch) == batch_size):
-            yield batch
-            batch = []
-        batch.append(item)
-        batch_key = key
-    if batch:
-        yield batch
-
-
-def _input_placement(model: torch.nn.Module, device: str | torch.device | None) -> tuple[torch.device, torch.dtype]:
-    """Device (`device`, else the model's) and floating dtype of the model's inputs: those of its first
-    floating-point parameter (cpu / float32 for a model without one)."""
-    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = torch.float32 if parameter is None else parameter.dtype
-    if device is None:
-        device = torch.device("cpu") if parameter is None else parameter.device
-    return torch.device(device), dtype
-
-
-def iter_predict_anomaly(
-    model: torch.nn.Module,
-    image_processor: Mask2AnomalyImageProcessor,
-    images: ImageLike | Iterable[ImageLike],
-    flip_tta: bool | None = None,
-    refine: bool | None = None,
-    scorer: str | None = None,
-    batch_size: int = 1,
-    device: str | torch.device | None = None,
-    do_resize: bool | None = None,
-) -> Iterator[AnomalyPrediction]:
-    """Generator form of `predict_anomaly`: reads `images` lazily and yields one prediction per image, in order."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
-    flip_tta = image_processor.flip_tta if flip_tta is None else flip_tta
-    do_resize = image_processor.do_resize if do_resize is None else bool(do_resize)
-    device, dtype = _input_placement(model, device)
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
-        images = [images]
-
-    def processed_size(array: np.ndarray) -> tuple[int, int]:
-        return image_processor.processed_size(array.shape[:2], do_resize)
-
-    def forward(arrays: list[np.ndarray]) -> Any:
-        inputs = image_processor(arrays, do_resize=do_resize, return_tensors="pt")
-        with torch.no_grad():
-            # in the model's dtype, so that bfloat16/float16 models take the float32 pre-processing
-            return model(pixel_values=inputs["pixel_values"].to(device=device, dtype=dtype))
-
-    was_training = model.training
-    model.eval()
-    try:
-        arrays = (to_rgb_uint8(image) for image in images)
-        for batch in batches_of_equal_size(arrays, batch_size, processed_size):
-            original_sizes = [image.shape[:2] for image in batch]
-            processed_sizes = [processed_size(image) for image in batch]
-            outputs = forward(batch)
-            maps = image_processor._dense_maps(
-                outputs, original_sizes, processed_sizes, scorer=scorer, refine=refine, refine_min_queries=None,
-                want_anomaly=True, want_semantic=True, memory_budget_mb=None,
-            )
-            del outputs
-            if flip_tta:
-                # the official script flips the original image (before resizing), not the padded tensor
-                flipped = image_processor.post_process_anomaly_segmentation(
-                    forward([np.ascontiguousarray(image[:, ::-1]) for image in batch]), original_sizes,
-                    refine=refine, scorer=scorer, image_sizes=processed_sizes,
-                )
-                for item, flipped_map in zip(maps, flipped):
-                    item["anomaly_map"] = (item["anomaly_map"] + flipped_map.flip(-1)) / 2
-            for item in maps:
-                semantic = item["semantic_map"].cpu().numpy()
-                if semantic.size == 0 or semantic.max() <= 255:
-                    semantic = semantic.astype(np.uint8)
-                yield AnomalyPrediction(item["anomaly_map"].float().cpu().numpy(), semantic)
-    finally:
-        model.train(was_training)
-
-
-def predict_anomaly(
-    model: torch.nn.Module,
-    image_processor: Mask2AnomalyImageProcessor,
-    images: ImageLike | Iterable[ImageLike],
-    flip_tta: bool | None = None,
-    refine: bool | None = None,
-    scorer: str | None = None,
-    batch_size: int = 1,
-    device: str | torch.device | None = None,
-    do_resize: bool | None = None,
-) -> list[AnomalyPrediction]:
-    """
-    Anomaly and semantic maps for images, in one call: pre-process, run `model` in eval mode without gradients,
-    post-process, and with flip TTA (default `image_processor.flip_tta`) average with the horizontally flipped
-    images' maps flipped back (official: `(a + fliplr(a_flip)) / 2`, refinement per view).
-
-    Args:
-        model: a Mask2Anomaly/Mask2Former model returning `class_queries_logits` and `masks_queries_logits`, in any
-            floating dtype (`pixel_values` are cast to the dtype of its parameters; the maps are float32).
-        image_processor: the model's `Mask2AnomalyImageProcessor`.
-        images: one image or an iterable of images (PIL, arrays, tensors or file paths); read lazily, one batch at
-            a time, so a generator of many images is fine (use `iter_predict_anomaly` to also get results lazily).
-        flip_tta, refine, scorer: override the processor's settings.
-        batch_size: at most this many images per forward pass. Only consecutive images of the same processed size
-            share a pass (`batches_of_equal_size`): padding to a batch-mate's size would change what the model sees,
-            so the results do not depend on `batch_size`.
-        device: where the inputs go (default: the model's device).
-        do_resize: resize as the processor's `size` says (default: the processor's `do_resize`); False keeps each
-            image's own size (still padded to a multiple of `size_divisor`). The processor is not changed.
-
-    Returns:
-        `list[AnomalyPrediction]`: per image, in input order, `anomaly_map` (H, W) float32 and `semantic_map` (H, W)
-        from the un-flipped view, at the original size.
-    """
-    return list(iter_predict_anomaly(model, image_processor, images, flip_tta=flip_tta, refine=refine, scorer=scorer,
-                                     batch_size=batch_size, device=device, do_resize=do_resize))
-
-
 __all__ = [
     "ANOMALY_SCORERS",
-    "AnomalyPrediction",
+    "AnomalySemanticOutput",
+    "IMAGE_EXTENSIONS",
     "Mask2AnomalyImageProcessor",
-    "batches_of_equal_size",
     "get_resize_output_size",
-    "iter_predict_anomaly",
     "load_image",
-    "predict_anomaly",
     "to_rgb_uint8",
 ]

@@ -34,7 +34,8 @@ from transformers.image_utils import load_image as load_image_from_source
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
 from transformers.utils import logging
 
-from .image_processing_mask2anomaly import ANOMALY_SCORERS, load_image, to_rgb_uint8
+from .image_processing_mask2anomaly import load_image, to_rgb_uint8
+from .scorers import get_scorer
 from .visualize import anomaly_mask, anomaly_summary, default_score_range, render_heatmap, render_semantic
 
 logger = logging.get_logger(__name__)
@@ -108,17 +109,25 @@ def segments_from_maps(
     return entries
 
 
+def _with_alias(value: Any, kwargs: dict[str, Any], name: str, alias: str) -> Any:
+    """`value` of parameter `name`, or that of its older alias popped from `kwargs`; both given is an error."""
+    other = kwargs.pop(alias, None)
+    if value is not None and other is not None:
+        raise ValueError(f"Got both {name}={value!r} and its alias {alias}={other!r}; pass one")
+    return other if value is None else value
+
+
 class Mask2AnomalySegmentationPipeline(Pipeline):
     """
     Anomaly segmentation with a Mask2Anomaly model, in the widget's image-segmentation format.
 
     Call with one image (path, URL, base64 string, bytes, PIL image or array) or a list of them. Parameters (each
-    defaults to the image processor's setting, which comes from the model config):
+    defaults to the image processor's setting of the same name, from preprocessor_config.json):
 
-    - ``threshold`` (`float`): anomaly decision threshold (`anomaly_threshold`).
+    - ``anomaly_threshold`` (`float`; alias ``threshold``): anomaly decision threshold.
     - ``flip_tta`` (`bool`): average with the horizontally flipped image's map.
     - ``refine`` (`bool`): mask refinement by confident "stuff" queries.
-    - ``scorer`` (`str`): one of ``mask2anomaly``, ``rba``, ``eam``, ``msp``, ``max_logit``, ``energy``.
+    - ``anomaly_scorer`` (`str`; alias ``scorer``): one of the registered scorers (``scorers.ANOMALY_SCORERS``).
 
     Returns per image a list of ``{"label", "score", "mask"}`` (see `segments_from_maps`).
     """
@@ -130,21 +139,25 @@ class Mask2AnomalySegmentationPipeline(Pipeline):
 
     def _sanitize_parameters(
         self,
-        threshold: float | None = None,
+        anomaly_threshold: float | None = None,
         flip_tta: bool | None = None,
         refine: bool | None = None,
-        scorer: str | None = None,
+        anomaly_scorer: str | None = None,
         **kwargs: Any,
     ) -> tuple[dict, dict, dict]:
+        anomaly_threshold = _with_alias(anomaly_threshold, kwargs, "anomaly_threshold", "threshold")
+        anomaly_scorer = _with_alias(anomaly_scorer, kwargs, "anomaly_scorer", "scorer")
         extra = self._sanitize_extra(kwargs)
         if kwargs:
-            raise ValueError(f"Unknown parameter(s) {sorted(kwargs)} for {type(self).__name__}; expected threshold, "
-                             f"flip_tta, refine, scorer{''.join(', ' + name for name in extra)}")
-        if scorer is not None and scorer not in ANOMALY_SCORERS:
-            raise ValueError(f"scorer={scorer!r} is not one of {', '.join(ANOMALY_SCORERS)}")
+            raise ValueError(f"Unknown parameter(s) {sorted(kwargs)} for {type(self).__name__}; expected "
+                             f"anomaly_threshold (or threshold), flip_tta, refine, anomaly_scorer (or scorer)"
+                             f"{''.join(', ' + name for name in extra)}")
+        if anomaly_scorer is not None:
+            get_scorer(anomaly_scorer, "scorer")
         preprocess = {} if flip_tta is None else {"flip_tta": bool(flip_tta)}
         postprocess = {name: value for name, value in
-                       (("threshold", threshold), ("refine", refine), ("scorer", scorer)) if value is not None}
+                       (("threshold", anomaly_threshold), ("refine", refine), ("scorer", anomaly_scorer))
+                       if value is not None}
         postprocess.update(extra)
         return preprocess, {}, postprocess
 
@@ -182,18 +195,14 @@ class Mask2AnomalySegmentationPipeline(Pipeline):
             )
 
         sizes = [tuple(int(v) for v in model_outputs["original_size"])]
-        processor = self.image_processor
         flipped = view(1) if class_logits.shape[0] == 2 else None
-        anomaly = processor.post_process_anomaly_segmentation(
-            view(0), sizes, refine=refine, scorer=scorer, flipped_outputs=flipped
+        maps = self.image_processor.post_process_anomaly_and_semantic(
+            view(0), sizes, flipped_outputs=flipped, refine=refine, scorer=scorer
         )[0]
-        semantic = processor.post_process_semantic_segmentation(view(0), sizes)[0]
-        # max_c S_c(x) is 1 minus the un-refined mask2anomaly score: the winning class's score at every pixel
-        plain = processor.post_process_anomaly_segmentation(view(0), sizes, refine=False, scorer="mask2anomaly")[0]
         return {
-            "anomaly_map": anomaly.numpy().astype(np.float32, copy=False),
-            "semantic_map": semantic.numpy(),
-            "class_confidence": (1.0 - plain).numpy(),
+            "anomaly_map": maps.anomaly_map.numpy().astype(np.float32, copy=False),
+            "semantic_map": maps.semantic_map.numpy(),
+            "class_confidence": maps.class_confidence.numpy(),
         }
 
     def postprocess(

@@ -1,8 +1,8 @@
 """Pictures of Mask2Anomaly predictions: anomaly heatmaps with a colour bar, and Cityscapes palette maps.
 
 Used by the `mask2anomaly-predict` CLI, the `anomaly-segmentation` pipeline (``render=True``) and the Space app.
-Only numpy and PIL: this file travels to the Hub as remote code with the pipeline, so a Space or an endpoint can
-draw the same pictures without this package installed. Large images are drawn in blocks of rows so that the
+Only numpy, PIL and its sibling scorer registry (which needs torch): this file travels to the Hub as remote code
+with the pipeline, so a Space or an endpoint can draw the same pictures without this package installed. Large images are drawn in blocks of rows so that the
 extra memory stays a few times the size of the output picture.
 """
 
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .scorers import SCORERS, get_scorer
 
 # Cityscapes train-id colours (the official `labels.py` palette), in CITYSCAPES_CLASSES order.
 CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -51,10 +53,9 @@ _INFERNO_STOPS: tuple[tuple[int, int, int], ...] = (
     (252, 255, 164),
 )
 
-# Scorers whose values live on [0, 1] (up to the odd negative value of 1 - max_c S_c): their heatmaps use a fixed
-# range so that colours mean the same in every image. The others (rba, max_logit, energy) are unbounded and get
-# the image's own range.
-BOUNDED_SCORERS: tuple[str, ...] = ("mask2anomaly", "eam", "msp")
+# Scorers with a fixed range (the registry's `display_range`): their heatmaps use it so that colours mean the same
+# in every image. The others (rba, max_logit, energy) are unbounded and get the image's own range.
+BOUNDED_SCORERS: tuple[str, ...] = tuple(name for name, scorer in SCORERS.items() if scorer.bounded)
 
 # Rows of the output picture drawn per block (bounded memory on huge images).
 _BLOCK_ROWS = 512
@@ -94,9 +95,11 @@ def anomaly_summary(anomaly_map: np.ndarray, threshold: float) -> dict[str, floa
 
 
 def default_score_range(anomaly_map: np.ndarray, scorer: str) -> tuple[float, float]:
-    """(vmin, vmax) of the colour scale: [0, 1] for the bounded scorers, the map's own range for the others."""
-    if scorer in BOUNDED_SCORERS:
-        return 0.0, 1.0
+    """(vmin, vmax) of the colour scale: the scorer's `display_range` for the bounded scorers ([0, 1]), the map's
+    own range for the others."""
+    display = get_scorer(scorer, "scorer").display_range
+    if display is not None:
+        return float(display[0]), float(display[1])
     low, high = float(np.min(anomaly_map)), float(np.max(anomaly_map))
     return (low, high) if high > low else (low, low + 1.0)
 

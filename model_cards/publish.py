@@ -3,9 +3,12 @@
     mask2anomaly-publish runs/stage2 --repo-id org/mask2anomaly-r50 --results results/*.json
     mask2anomaly-publish runs/stage2 --repo-id org/mask2anomaly-r50 --dry-run --output-dir outputs/hub
 
-The Hub folder holds: the weights (safetensors only: a folder with ``.bin``/``.pt``/pickle files is refused, since
-loading them can run arbitrary code), ``config.json`` and ``preprocessor_config.json`` (with ``auto_map``), the
-remote-code files every ``auto_map``/``custom_pipelines`` entry names and the files they import, ``handler.py`` and
+The Hub folder holds: the weights the model loads and nothing else (``model.safetensors``, or
+``model.safetensors.index.json`` and the shards it names; other ``*.safetensors`` such as an optimizer state stay
+behind; a folder with ``.bin``/``.pt``/pickle files is refused, since loading them can run arbitrary code, and so is
+any file that is a link leading out of the model folder), ``config.json`` and ``preprocessor_config.json`` (with
+``auto_map``), the remote-code files every ``auto_map``/``custom_pipelines`` entry names and the files they import
+(always this package's copies, never the model folder's: see `modeling_mask2anomaly.remote_code`), ``handler.py`` and
 ``requirements.txt`` for Inference Endpoints, the training record when there is one, widget example images under
 ``examples/``, and the model card (``README.md``, see `mask2anomaly_model_cards.card`).
 
@@ -19,8 +22,8 @@ Then ``HfApi().create_repo`` + ``upload_folder``; ``--dry-run`` writes the folde
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -36,7 +39,7 @@ from typing import Any
 from huggingface_hub import HfApi
 from transformers.utils import logging
 
-from .card import CARD_NAME, TRAINING_CONFIG_NAME, load_results, write_model_card
+from .card import TRAINING_CONFIG_NAME, load_results, write_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -45,10 +48,12 @@ PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pi
 # Besides the weights and remote code, what a model folder may carry to the Hub.
 EXTRA_FILES: tuple[str, ...] = ("preprocessor_config.json", TRAINING_CONFIG_NAME, "eval_results.json")
 HANDLER_NAME = "handler.py"
+# The installed model package (found without importing it, so that --help stays light); remote code and the
+# handler are always copied from here.
+PACKAGE_DIR = Path(importlib.util.find_spec("modeling_mask2anomaly").origin).parent
 EXAMPLES_DIR = "examples"
 # What an Inference Endpoint must install on top of its torch image to run the remote code and the handler.
 ENDPOINT_PACKAGES: tuple[str, ...] = ("transformers", "scipy", "pillow", "numpy", "safetensors")
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / "modeling_mask2anomaly"
 
 
 class PublishError(ValueError):
@@ -58,74 +63,66 @@ class PublishError(ValueError):
 # ------------------------------------------------------------------------------------------------ checks
 
 
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def _inside(model_dir: Path, name: str) -> Path:
+    """``model_dir / name`` once it is known to be a file of the folder itself: a link that leads out of it (to a
+    file anywhere else on this machine) is refused, naming both."""
+    path = model_dir / name
+    target = path.resolve()
+    if not target.is_relative_to(model_dir.resolve()):
+        raise PublishError(f"{path} is a link to {target}, outside the model folder; only the folder's own files are "
+                           "published (copy the file in if it belongs to the model)")
+    return path
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weight files the model loads: ``model.safetensors``, or the index and the shards its ``weight_map``
+    names. Any other ``*.safetensors`` (an optimizer state, an EMA copy) is not the model's and is not published."""
+    index = model_dir / WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        if not (model_dir / WEIGHTS_NAME).is_file():
+            raise PublishError(f"{model_dir} has no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME} and its shards); expected "
+                               "a folder written by save_pretrained")
+        return [_inside(model_dir, WEIGHTS_NAME)]
+    try:
+        weight_map = json.loads(_inside(model_dir, WEIGHTS_INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise PublishError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of tensor -> shard "
+                           f"file): {error!r}") from None
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise PublishError(f"{index} names the shard {shard!r}; expected a .safetensors file name in the folder")
+        if not (model_dir / shard).is_file():
+            raise PublishError(f"{index} names the shard {shard}, which {model_dir} does not have")
+    return [_inside(model_dir, WEIGHTS_INDEX_NAME)] + [_inside(model_dir, shard) for shard in shards]
+
+
 def check_model_dir(model_dir: Path) -> list[Path]:
-    """Check that ``model_dir`` is a publishable Mask2Anomaly folder; return its safetensors weight files."""
+    """Check that ``model_dir`` is a publishable Mask2Anomaly folder; return the weight files to publish."""
     if not (model_dir / "config.json").is_file():
         raise PublishError(f"{model_dir} has no config.json; expected a folder written by save_pretrained")
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    if config.get("model_type") != "mask2anomaly":
-        raise PublishError(f"{model_dir / 'config.json'} has model_type {config.get('model_type')!r}; expected "
-                           "'mask2anomaly'")
+    try:
+        config = json.loads(_inside(model_dir, "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PublishError(f"{model_dir / 'config.json'} is not valid JSON ({error}); expected a save_pretrained "
+                           "config") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "mask2anomaly":
+        raise PublishError(f"{model_dir / 'config.json'} has model_type {model_type!r}; expected 'mask2anomaly'")
     pickles = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise PublishError(f"{model_dir} holds pickle-based file(s) {pickles}: loading them can run arbitrary code, "
                            "so they are never published; re-save the model with safetensors "
                            "(save_pretrained(..., safe_serialization=True)) and remove them")
-    weights = sorted(model_dir.glob("*.safetensors"))
-    if not weights:
-        raise PublishError(f"{model_dir} has no *.safetensors weights; expected model.safetensors (or shards)")
+    weights = weight_files(model_dir)
+    unused = sorted(p.name for p in model_dir.glob("*.safetensors") if p.name not in {w.name for w in weights})
+    if unused:
+        logger.warning(f"{model_dir}: not publishing {', '.join(unused)} (not among the model's weight files)")
     return weights
-
-
-def _relative_imports(source: Path) -> set[str]:
-    """Module names a remote-code file imports relatively (``from .x import y``), which must travel with it."""
-    tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                names.add(node.module.split(".")[0])
-            else:
-                names.update(alias.name for alias in node.names)
-    return names
-
-
-def required_modules(folder: Path) -> set[str]:
-    """Modules the folder's configs name (``auto_map``, ``custom_pipelines``) plus what they import relatively."""
-    modules: set[str] = set()
-    for name in ("config.json", "preprocessor_config.json"):
-        path = folder / name
-        if not path.is_file():
-            continue
-        config = json.loads(path.read_text(encoding="utf-8"))
-        for reference in (config.get("auto_map") or {}).values():
-            for entry in reference if isinstance(reference, list) else [reference]:
-                if entry:
-                    modules.add(entry.split("--")[-1].split(".")[0])
-        for pipeline in (config.get("custom_pipelines") or {}).values():
-            modules.add(pipeline["impl"].split(".")[0])
-    return modules
-
-
-def _copy_remote_code(model_dir: Path, folder: Path) -> list[str]:
-    """Copy every module the configs need (and, transitively, what they import) from the model folder, falling back
-    to the installed package for modules the folder lacks. Returns the copied file names."""
-    pending, copied = sorted(required_modules(folder)), []
-    while pending:
-        module = pending.pop()
-        name = f"{module}.py"
-        if name in copied:
-            continue
-        source = model_dir / name if (model_dir / name).is_file() else PACKAGE_DIR / name
-        if not source.is_file():
-            raise PublishError(f"remote-code module {module!r} (named by the folder's auto_map/custom_pipelines or "
-                               f"imported by them) is neither in {model_dir} nor in {PACKAGE_DIR}")
-        if source.parent != model_dir:
-            logger.warning(f"{name} is not in {model_dir}; publishing the installed package's copy")
-        shutil.copyfile(source, folder / name)
-        copied.append(name)
-        pending.extend(sorted(_relative_imports(source) - {m[:-3] for m in copied}))
-    return sorted(copied)
 
 
 def endpoint_requirements() -> str:
@@ -191,12 +188,12 @@ def assemble_hub_folder(
     model_dir, folder = Path(model_dir), Path(folder)
     weights = check_model_dir(model_dir)
     records = [load_results(path) for path in results]  # fail before copying anything
-    for path in weights + sorted(model_dir.glob("*.safetensors.index.json")):
+    for path in weights:
         shutil.copyfile(path, folder / path.name)
     shutil.copyfile(model_dir / "config.json", folder / "config.json")
     for name in EXTRA_FILES:
         if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, folder / name)
+            shutil.copyfile(_inside(model_dir, name), folder / name)
     if not (folder / "preprocessor_config.json").is_file():
         # AutoImageProcessor and the pipeline need it: derive it from the model's post-processing settings
         from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyImageProcessor
@@ -204,7 +201,14 @@ def assemble_hub_folder(
         logger.warning(f"{model_dir} has no preprocessor_config.json; writing the official one from its config")
         config = Mask2AnomalyConfig.from_pretrained(model_dir)
         Mask2AnomalyImageProcessor.from_model_config(config).save_pretrained(folder)
-    _copy_remote_code(model_dir, folder)
+    from modeling_mask2anomaly.remote_code import RemoteCodeError, copy_remote_code
+
+    # The remote code always comes from this package (never from the model folder, whose copies may be stale):
+    # the modules the configs name and everything they import relatively.
+    try:
+        copy_remote_code(folder)
+    except RemoteCodeError as error:
+        raise PublishError(str(error)) from None
     shutil.copyfile(find_handler(handler), folder / HANDLER_NAME)
     (folder / "requirements.txt").write_text(endpoint_requirements(), encoding="utf-8")
 

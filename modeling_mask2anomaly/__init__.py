@@ -48,8 +48,13 @@ AutoModel.register(Mask2AnomalyConfig, Mask2AnomalyModel, exist_ok=True)
 AutoModelForUniversalSegmentation.register(Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, exist_ok=True)
 AutoModelForImageSegmentation.register(Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, exist_ok=True)
 AutoImageProcessor.register(Mask2AnomalyConfig, image_processor_classes={"pil": Mask2AnomalyImageProcessor}, exist_ok=True)
-# The processor's save_pretrained writes its file and an `auto_map` into preprocessor_config.json, so
-# AutoImageProcessor (and the pipeline) load it from a folder with trust_remote_code=True.
+# Every class that travels to the Hub registers with its Auto class: its save_pretrained then writes the
+# `auto_map` entry and copies its module, and every module that imports relatively, through transformers'
+# `custom_object_save`, so a saved folder loads with trust_remote_code=True where this package is not installed.
+# (The pipelines travel through the model's `custom_pipelines`; see `remote_code` for the sync command.)
+Mask2AnomalyConfig.register_for_auto_class("AutoConfig")
+Mask2AnomalyModel.register_for_auto_class("AutoModel")
+Mask2AnomalyForUniversalSegmentation.register_for_auto_class("AutoModelForUniversalSegmentation")
 Mask2AnomalyImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [

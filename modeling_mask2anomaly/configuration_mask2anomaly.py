@@ -13,7 +13,7 @@ files.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import Mask2FormerConfig, ResNetConfig
@@ -55,6 +55,7 @@ CITYSCAPES_REFINE_CLASS_IDS: tuple[int, ...] = tuple(range(2, 11))
 OUTLIER_LABEL = 254
 
 CONTRASTIVE_LOSS_FORMS = ("margin", "bce", "none")
+CONTRASTIVE_LOSS_ALIGNMENTS = ("official", "padded")
 
 # Keys that older config.json files carry but that belong to the image processor (see the module docstring).
 LEGACY_PROCESSOR_KEYS: tuple[str, ...] = (
@@ -110,6 +111,15 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
         Margin m of the `"margin"` form.
     contrastive_weight (`float`, defaults to 1.0):
         Weight of the contrastive loss in the total loss (applied to the final and every auxiliary term).
+    contrastive_loss_alignment (`str`, defaults to `"official"`):
+        Which label grid the contrastive loss compares the anomaly score with. The score lives on the mask-logit
+        grid of the *padded* batch. `"official"` (what trained the released weights): the score of the whole
+        padded grid is resized (bilinear, `align_corners=True`) onto each image's *un-padded* size, read from
+        the `pixel_mask` passed to `forward`, and compared with `outlier_labels[:, :h, :w]`; when the image
+        needed padding, the padded grid is squeezed onto the image rather than cropped, so score and labels are
+        slightly misaligned, as in the official code. `"padded"`: the score is resized onto the full padded
+        `outlier_labels` grid (geometrically aligned; padding pixels count as inliers). The two agree when no
+        image of the batch is padded.
 
     Post-processing settings and `outlier_label` are the image processor's; a config given them (an older
     config.json) keeps them in `legacy_postprocessing` only (see the module docstring).
@@ -122,6 +132,7 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
     contrastive_loss: str = "margin"
     contrastive_margin: float = 1.0
     contrastive_weight: float = 1.0
+    contrastive_loss_alignment: Literal["official", "padded"] = "official"
 
     def __post_init__(self, **kwargs):
         legacy = {key: kwargs.pop(key) for key in LEGACY_PROCESSOR_KEYS if key in kwargs}
@@ -146,6 +157,11 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
         if self.contrastive_loss not in CONTRASTIVE_LOSS_FORMS:
             raise ValueError(
                 f"contrastive_loss={self.contrastive_loss!r} is not one of {', '.join(CONTRASTIVE_LOSS_FORMS)}"
+            )
+        if self.contrastive_loss_alignment not in CONTRASTIVE_LOSS_ALIGNMENTS:
+            raise ValueError(
+                f"contrastive_loss_alignment={self.contrastive_loss_alignment!r} is not one of "
+                f"{', '.join(CONTRASTIVE_LOSS_ALIGNMENTS)}"
             )
         # legacy post-processing keys are checked here too, so that a bad old config.json fails when it is read
         legacy = getattr(self, "legacy_postprocessing", {})

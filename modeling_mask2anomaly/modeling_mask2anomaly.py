@@ -9,21 +9,26 @@ matcher, mask/class/dice losses) is transformers' own, imported and subclassed.
   the residual and LayerNorm. Fully blocked rows are reset to "attend everywhere" for each mask separately.
 - `mask_contrastive_loss`: the official `loss_ood`, added on the final and every auxiliary prediction when
   `outlier_labels` are passed to `Mask2AnomalyForUniversalSegmentation.forward`.
+- Losses and matching in float32 under any autocast (`Mask2AnomalyLoss`): transformers' matcher goes wrong
+  in float16 and bfloat16.
 
-This file travels to the Hub as remote code: it imports only torch, transformers, `.configuration_mask2anomaly` and
-`.deformable_attention`.
+This file travels to the Hub as remote code: it imports only torch, transformers and the other remote-code modules
+(relatively: `.configuration_mask2anomaly`, `.deformable_attention`, and in `save_pretrained` the processor and
+pipeline modules).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerForUniversalSegmentation,
     Mask2FormerForUniversalSegmentationOutput,
@@ -39,7 +44,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 from transformers.utils import logging
 
-from .configuration_mask2anomaly import Mask2AnomalyConfig
+from .configuration_mask2anomaly import CITYSCAPES_CLASSES, CITYSCAPES_REFINE_CLASS_IDS, Mask2AnomalyConfig
 from .deformable_attention import set_deformable_attention_backend
 
 logger = logging.get_logger(__name__)
@@ -48,6 +53,15 @@ logger = logging.get_logger(__name__)
 # --------------------------------------------------------------------------------------------------------------
 # Mask-level class scores and the mask contrastive loss
 # --------------------------------------------------------------------------------------------------------------
+def float32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """A context in which autocast is off on `device_type` (so ops run in their inputs' dtype, float32 for the
+    losses); a no-op where autocast does not exist for that device type."""
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4; before, cpu/cuda only
+    if available(device_type) if available is not None else device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def class_mask_scores(class_queries_logits: Tensor, masks_queries_logits: Tensor) -> Tensor:
     """Per-pixel class scores of a mask classifier, `S_c(x) = sum_q softmax(class_q)[c] * sigmoid(mask_q(x))`.
 
@@ -70,13 +84,17 @@ def mask_contrastive_loss(
     outlier_labels: Tensor,
     margin: float = 1.0,
     form: str = "margin",
+    label_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
     """The mask contrastive loss of Mask2Anomaly, equal to the official `SetCriterion.loss_ood`.
 
     With `S_c` from [`class_mask_scores`], the official score is `s(x) = -max_c S_c(x)`, bilinearly resized
-    (`align_corners=True`) from the mask grid to the label resolution. Pixels with `outlier_labels == 1` are
-    outliers, `== 0` inliers; any other value (e.g. 255) is ignored. Means run over all such pixels of the
-    batch.
+    (`align_corners=True`) from the whole mask grid to the label resolution: `label_sizes[b]` = (h, w) for
+    image b, compared with `outlier_labels[b, :h, :w]` (the official code resizes onto the *un-padded* label
+    size, see `Mask2AnomalyConfig.contrastive_loss_alignment`), or the full `outlier_labels` grid when
+    `label_sizes` is None. Pixels with `outlier_labels == 1` are outliers, `== 0` inliers; any other value
+    (e.g. 255) is ignored. Means run over all such pixels of the batch. Computed in float32, also under
+    autocast.
 
     - `form="margin"` (official default, which produced the released weights):
       `L = 0.5 * (mean_inlier s^2 + mean_outlier max(0, margin - s)^2)`; without outlier pixels in the batch
@@ -99,20 +117,45 @@ def mask_contrastive_loss(
             pixels are passed as 0 (inliers).
         margin: the margin `m` of the `margin` form.
         form: `"margin"` or `"bce"`.
+        label_sizes: per image, the (height, width) of its labels inside the (padded) `outlier_labels`.
 
     Returns:
         A scalar tensor.
     """
     if form not in ("margin", "bce"):
         raise ValueError(f"form={form!r} is not a mask contrastive loss form; expected 'margin' or 'bce'")
-    if outlier_labels.dim() != 3 or outlier_labels.shape[0] != masks_queries_logits.shape[0]:
+    batch = masks_queries_logits.shape[0]
+    if outlier_labels.dim() != 3 or outlier_labels.shape[0] != batch:
         raise ValueError(
-            f"outlier_labels must have shape (batch={masks_queries_logits.shape[0]}, height, width); "
-            f"got {tuple(outlier_labels.shape)}"
+            f"outlier_labels must have shape (batch={batch}, height, width); got {tuple(outlier_labels.shape)}"
         )
-    scores = class_mask_scores(class_queries_logits.float(), masks_queries_logits.float())
-    score = -scores.max(dim=1).values
-    score = F.interpolate(score[:, None], size=outlier_labels.shape[-2:], mode="bilinear", align_corners=True)[:, 0]
+    full_size = tuple(outlier_labels.shape[-2:])
+    if label_sizes is None:
+        label_sizes = [full_size] * batch
+    label_sizes = [(int(h), int(w)) for h, w in label_sizes]
+    if len(label_sizes) != batch or any(not (0 < h <= full_size[0] and 0 < w <= full_size[1]) for h, w in label_sizes):
+        raise ValueError(
+            f"label_sizes must give one (height, width) per image within the outlier_labels grid {full_size}; "
+            f"got {label_sizes} for a batch of {batch}"
+        )
+    with float32_region(masks_queries_logits.device.type):
+        scores = class_mask_scores(class_queries_logits.float(), masks_queries_logits.float())
+        score = -scores.max(dim=1).values[:, None]
+        if all(size == full_size for size in label_sizes):
+            score = F.interpolate(score, size=full_size, mode="bilinear", align_corners=True)
+            pixel_scores, labels = score.flatten(), outlier_labels.flatten()
+        else:
+            # image by image, in batch order: the same pixels in the same order as one batched resize would give
+            pixel_scores = torch.cat([
+                F.interpolate(score[b : b + 1], size=size, mode="bilinear", align_corners=True).flatten()
+                for b, size in enumerate(label_sizes)
+            ])
+            labels = torch.cat([outlier_labels[b, :h, :w].flatten() for b, (h, w) in enumerate(label_sizes)])
+        return _contrastive_terms(pixel_scores, labels, margin, form)
+
+
+def _contrastive_terms(score: Tensor, outlier_labels: Tensor, margin: float, form: str) -> Tensor:
+    """The loss of [`mask_contrastive_loss`] from the resized score and the labels of the same pixels, both `(P,)`."""
     outlier = outlier_labels == 1
     inlier = outlier_labels == 0
     inlier_score = score[inlier]
@@ -129,13 +172,41 @@ def mask_contrastive_loss(
 
 
 class Mask2AnomalyLoss(Mask2FormerLoss):
-    """Mask2Former's losses with the mask count normalised as detectron2 does across processes.
+    """Mask2Former's losses with the mask count normalised as detectron2 does across processes, computed in
+    float32 under any autocast.
 
     transformers' `Mask2FormerLoss.get_num_masks` averages the count over processes and then divides by the
     number of processes again, so with N processes the mask and dice losses come out N times too large
     (relative to the class and contrastive terms). Here: the count is summed over processes and divided once,
     i.e. the mean number of target masks per process, as in the official criterion. One process: unchanged.
+
+    Mixed precision: the logits are cast to float32 and autocast is switched off for the Hungarian matching
+    (which `forward` runs) and every loss, so a float16/bfloat16 forward gets the matching and the loss values
+    a float32 criterion gives for the same logits. Under autocast transformers' matcher builds its cost matrix
+    in low precision: in float16 its sums can overflow (and non-finite costs become `finfo(float16).max`), in
+    either dtype close costs are reordered and the assignment changes.
     """
+
+    def forward(
+        self,
+        masks_queries_logits: Tensor,
+        class_queries_logits: Tensor,
+        mask_labels: list[Tensor],
+        class_labels: list[Tensor],
+        auxiliary_predictions: list[dict[str, Tensor]] | None = None,
+    ) -> dict[str, Tensor]:
+        """[`Mask2FormerLoss.forward`] in float32: masks `(batch, queries, h, w)`, classes `(batch, queries,
+        num_labels + 1)`, per-image `mask_labels` `(K_i, H, W)` and `class_labels` `(K_i,)`."""
+        if auxiliary_predictions is not None:
+            auxiliary_predictions = [{key: value.float() for key, value in aux.items()} for aux in auxiliary_predictions]
+        with float32_region(masks_queries_logits.device.type):
+            return super().forward(
+                masks_queries_logits.float(),
+                class_queries_logits.float(),
+                [labels.float() for labels in mask_labels],
+                class_labels,
+                auxiliary_predictions,
+            )
 
     def get_num_masks(self, class_labels: list[Tensor], device: torch.device) -> Tensor:
         num_masks = torch.as_tensor(float(sum(len(classes) for classes in class_labels)), device=device)
@@ -369,16 +440,10 @@ class Mask2AnomalyTransformerModule(Mask2FormerTransformerModule):
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
-# The files that travel with a saved model as remote code, and the Auto classes they serve.
-REMOTE_CODE_FILES = (
-    "configuration_mask2anomaly.py",
-    "modeling_mask2anomaly.py",
-    "deformable_attention.py",
-    "image_processing_mask2anomaly.py",
-    "pipeline_mask2anomaly.py",
-    "visualize.py",
-    "scorers.py",
-)
+# The Auto classes a saved model's config.json routes to this remote code. Each class registers with its main Auto
+# class (`register_for_auto_class`, in the package's `__init__`), so that transformers' `custom_object_save`
+# copies its module and every module it imports relatively; this map adds the second routes (the base model, the
+# image-segmentation Auto class, the processor of a folder saved without one).
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_mask2anomaly.Mask2AnomalyConfig",
     "AutoModel": "modeling_mask2anomaly.Mask2AnomalyModel",
@@ -402,18 +467,6 @@ REMOTE_CODE_CUSTOM_PIPELINES = {
 }
 
 
-def copy_remote_code(save_directory: str | os.PathLike) -> list[str]:
-    """Copy the remote-code files that sit beside this module into `save_directory`; returns their names."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    copied = []
-    for name in REMOTE_CODE_FILES:
-        source = os.path.join(here, name)
-        if os.path.isfile(source):
-            shutil.copyfile(source, os.path.join(save_directory, name))
-            copied.append(name)
-    return copied
-
-
 class Mask2AnomalyPreTrainedModel(Mask2FormerPreTrainedModel):
     config: Mask2AnomalyConfig
     config_class = Mask2AnomalyConfig
@@ -434,11 +487,19 @@ class Mask2AnomalyPreTrainedModel(Mask2FormerPreTrainedModel):
         """[`PreTrainedModel.save_pretrained`], plus the remote-code files, an `auto_map` for every Auto class
         and the custom pipelines, so the folder loads (and serves `pipeline(...)`) with `trust_remote_code=True`
         where this package is not installed."""
+        # config.json names the processor and the pipelines too, so their files must travel with this one: these
+        # relative imports are what transformers' custom_object_save follows (it reads them from the source).
+        from .image_processing_mask2anomaly import Mask2AnomalyImageProcessor  # noqa: F401
+        from .pipeline_mask2anomaly import Mask2AnomalySegmentationPipeline  # noqa: F401
+
         self.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
         self.config.custom_pipelines = copy.deepcopy(REMOTE_CODE_CUSTOM_PIPELINES)
+        if not self.is_remote_code():
+            # a class loaded from remote code by its own name, not through an Auto class
+            type(self).register_for_auto_class(
+                "AutoModel" if isinstance(self, Mask2AnomalyModel) else "AutoModelForUniversalSegmentation"
+            )
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            copy_remote_code(save_directory)
 
 
 class Mask2AnomalyModel(Mask2AnomalyPreTrainedModel, Mask2FormerModel):
@@ -478,15 +539,53 @@ class Mask2AnomalyForUniversalSegmentation(Mask2AnomalyPreTrainedModel, Mask2For
         self.criterion = Mask2AnomalyLoss(config=config, weight_dict=self.weight_dict)
         self.post_init()
 
+    def contrastive_label_sizes(self, outlier_labels: Tensor, pixel_mask: Tensor | None) -> list[tuple[int, int]] | None:
+        """Per image, the (height, width) of `outlier_labels` the contrastive loss compares with, or None for the
+        whole grid.
+
+        With `contrastive_loss_alignment="official"` this is the un-padded image size, read from `pixel_mask`
+        `(batch, H, W)` (1 on the image, 0 on padding; the image processor's, a top-left rectangle): the
+        processor pads `outlier_labels` together with the image, and the mask says where the image ends.
+        (`pixel_mask` already travels with every processor batch and training collator; a fill value for padding
+        in `outlier_labels` would change their 0/1 meaning for every caller, and a new input would repeat what
+        `pixel_mask` says.) Without a `pixel_mask`, `outlier_labels` are taken as un-padded (None).
+        """
+        if self.config.contrastive_loss_alignment == "padded" or pixel_mask is None:
+            return None
+        if pixel_mask.shape != outlier_labels.shape:
+            raise ValueError(
+                f"pixel_mask of shape {tuple(pixel_mask.shape)} does not match outlier_labels "
+                f"{tuple(outlier_labels.shape)}; expected the image processor's pixel_mask for the same batch"
+            )
+        valid = pixel_mask.bool()
+        heights = valid.any(dim=2).sum(dim=1)
+        widths = valid.any(dim=1).sum(dim=1)
+        sizes = [(int(h), int(w)) for h, w in zip(heights.tolist(), widths.tolist())]
+        for index, (h, w) in enumerate(sizes):
+            if h == 0 or w == 0 or not bool(valid[index, :h, :w].all()) or int(valid[index].sum()) != h * w:
+                raise ValueError(
+                    f"pixel_mask of image {index} is not a non-empty top-left rectangle of ones; the official "
+                    f"contrastive loss needs each image's un-padded size (or set contrastive_loss_alignment='padded')"
+                )
+        return sizes
+
     def contrastive_loss_dict(
-        self, class_queries_logits: tuple[Tensor, ...], masks_queries_logits: tuple[Tensor, ...], outlier_labels: Tensor
+        self,
+        class_queries_logits: tuple[Tensor, ...],
+        masks_queries_logits: tuple[Tensor, ...],
+        outlier_labels: Tensor,
+        pixel_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Weighted mask contrastive loss of the final prediction (`loss_contrastive`) and of every auxiliary
-        one (`loss_contrastive_{i}`, i = 0 for the prediction made before the first decoder layer)."""
+        one (`loss_contrastive_{i}`, i = 0 for the prediction made before the first decoder layer).
+        `pixel_mask` `(batch, H, W)` gives each image's un-padded size (see [`contrastive_label_sizes`])."""
         config = self.config
+        label_sizes = self.contrastive_label_sizes(outlier_labels, pixel_mask)
 
         def term(classes: Tensor, masks: Tensor) -> Tensor:
-            loss = mask_contrastive_loss(classes, masks, outlier_labels, config.contrastive_margin, config.contrastive_loss)
+            loss = mask_contrastive_loss(
+                classes, masks, outlier_labels, config.contrastive_margin, config.contrastive_loss, label_sizes
+            )
             return config.contrastive_weight * loss
 
         losses = {"loss_contrastive": term(class_queries_logits[-1], masks_queries_logits[-1])}
@@ -515,6 +614,9 @@ class Mask2AnomalyForUniversalSegmentation(Mask2AnomalyPreTrainedModel, Mask2For
         outlier_labels (`torch.Tensor` of shape `(batch, height, width)`, *optional*): 1 where a pixel is a pasted
             outlier, 0 elsewhere (void counts as non-outlier, as in the official code; other values are ignored).
             When given and `config.contrastive_loss != "none"`, the mask contrastive loss is added.
+        pixel_mask (`torch.Tensor` of shape `(batch, height, width)`, *optional*): 1 on the image, 0 on padding (the
+            image processor's). The official contrastive loss (`config.contrastive_loss_alignment="official"`)
+            reads each image's un-padded size from it; without it `outlier_labels` count as un-padded.
 
         The returned `loss` is the sum of every term of `loss_dict`; with `return_dict=False` it comes first
         in the tuple.
@@ -551,7 +653,9 @@ class Mask2AnomalyForUniversalSegmentation(Mask2AnomalyPreTrainedModel, Mask2For
                 )
             )
         if outlier_labels is not None and self.config.contrastive_loss != "none":
-            loss_dict.update(self.contrastive_loss_dict(class_queries_logits, masks_queries_logits, outlier_labels))
+            loss_dict.update(
+                self.contrastive_loss_dict(class_queries_logits, masks_queries_logits, outlier_labels, pixel_mask)
+            )
         loss = self.get_loss(loss_dict) if loss_dict else None
 
         output_auxiliary_logits = (
@@ -577,15 +681,82 @@ class Mask2AnomalyForUniversalSegmentation(Mask2AnomalyPreTrainedModel, Mask2For
             return output.to_tuple()
         return output
 
+    @classmethod
+    def from_mask2former(
+        cls, folder_or_model: str | os.PathLike | Mask2FormerForUniversalSegmentation, **from_pretrained_kwargs
+    ) -> Mask2AnomalyForUniversalSegmentation:
+        """Start a Mask2Anomaly model from a transformers Mask2Former (a folder, a Hub id, or a loaded model).
+
+        Every Mask2Former weight is copied; each decoder layer's new background attention
+        (`cross_attn_background`) starts as a copy of its foreground attention (`cross_attn`), which is how GMA
+        fine-tuning starts from a closed-set Mask2Former. `from_pretrained_kwargs` go to
+        `Mask2FormerForUniversalSegmentation.from_pretrained`.
+        """
+        if isinstance(folder_or_model, Mask2FormerForUniversalSegmentation):
+            source = folder_or_model
+        else:
+            source = Mask2FormerForUniversalSegmentation.from_pretrained(folder_or_model, **from_pretrained_kwargs)
+        model = cls(mask2anomaly_config_from_mask2former(source.config))
+        weights = source.state_dict()
+        background = {
+            key: weights[key.replace(".cross_attn_background.", ".cross_attn.")]
+            for key in model.state_dict()
+            if ".cross_attn_background." in key
+        }
+        result = model.load_state_dict({**weights, **background}, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"Mask2Former weights do not fit Mask2Anomaly: missing {sorted(result.missing_keys)[:12]}; "
+                f"unexpected {sorted(result.unexpected_keys)[:12]}"
+            )
+        layers = len(model.model.transformer_module.decoder.layers)
+        logger.warning(
+            f"Initialised Mask2Anomaly from Mask2Former: the background attention (cross_attn_background) of each of "
+            f"the {layers} decoder layers is a copy of its foreground attention (cross_attn); fine-tune before use"
+        )
+        return model.to(next(source.parameters()).dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mask2Former <-> Mask2Anomaly configs
+# --------------------------------------------------------------------------------------------------------------
+def mask2former_config_from_mask2anomaly(config: Mask2AnomalyConfig) -> Mask2FormerConfig:
+    """The same architecture as a plain transformers `Mask2FormerConfig` (no global masked attention), e.g. to
+    compare a Mask2Anomaly model with the Mask2Former it extends."""
+    fields = {k: v for k, v in config.to_dict().items() if k in Mask2FormerConfig.__dataclass_fields__}
+    fields.pop("model_type", None)
+    fields["backbone_config"] = config.backbone_config
+    return Mask2FormerConfig(**fields)
+
+
+def mask2anomaly_config_from_mask2former(mask2former_config: Mask2FormerConfig) -> Mask2AnomalyConfig:
+    """A `Mask2AnomalyConfig` with the architecture, classes and loss weights of a Mask2Former config and
+    global masked attention switched on."""
+    values = mask2former_config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
+        values.pop(key, None)
+    values["global_masked_attention"] = True
+    # Refinement suppresses anomalies under confident Cityscapes "stuff" masks (train ids 2..10); it only
+    # means something for a model with the Cityscapes classes.
+    names = [str(name).lower() for _, name in sorted((int(i), n) for i, n in values.get("id2label", {}).items())]
+    if tuple(names) == CITYSCAPES_CLASSES:
+        values.update(refine=True, refine_class_ids=list(CITYSCAPES_REFINE_CLASS_IDS))
+    else:
+        logger.info("the Mask2Former's classes are not Cityscapes': mask refinement is switched off")
+        values.update(refine=False, refine_class_ids=[])
+    return Mask2AnomalyConfig(**values)
+
 
 __all__ = [
     "REMOTE_CODE_AUTO_MAP",
     "REMOTE_CODE_CUSTOM_PIPELINES",
-    "copy_remote_code",
     "Mask2AnomalyForUniversalSegmentation",
     "Mask2AnomalyLoss",
     "Mask2AnomalyModel",
     "Mask2AnomalyPreTrainedModel",
     "class_mask_scores",
+    "mask2anomaly_config_from_mask2former",
+    "mask2former_config_from_mask2anomaly",
+    "float32_region",
     "mask_contrastive_loss",
 ]

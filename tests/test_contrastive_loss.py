@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,18 +10,21 @@ import torch
 
 from modeling_mask2anomaly import mask_contrastive_loss
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_r50_small"
+from shared_paths import SHARED_FIXTURES
+
+FIXTURES = SHARED_FIXTURES / "official_r50_small"
 
 
-def naive_loss(class_logits, mask_logits, outlier_labels, margin=1.0, form="margin") -> float:
-    """Per-pixel loops in float64: S_c, the score -max_c S_c, align_corners=True bilinear resize, the loss."""
+def naive_loss(class_logits, mask_logits, outlier_labels, margin=1.0, form="margin", label_sizes=None) -> float:
+    """Per-pixel loops in float64: S_c, the score -max_c S_c, align_corners=True bilinear resize (onto image b's
+    `label_sizes[b]`, its labels being the top-left corner of `outlier_labels[b]`), the loss."""
     cl = class_logits.double().numpy()
     ml = mask_logits.double().numpy()
     labels = outlier_labels.numpy()
     batch, queries, h, w = ml.shape
-    big_h, big_w = labels.shape[1:]
     inlier_terms, outlier_terms = [], []
     for b in range(batch):
+        big_h, big_w = labels.shape[1:] if label_sizes is None else label_sizes[b]
         e = np.exp(cl[b] - cl[b].max(-1, keepdims=True))
         probs = (e / e.sum(-1, keepdims=True))[:, :-1]
         score = np.zeros((h, w))
@@ -88,6 +90,26 @@ def test_matches_official_loss_ood(case):
     assert mask_contrastive_loss(logits, masks, mapper_bool).item() == pytest.approx(
         float(data[f"{case}_loss_mapper_bool"]), abs=1e-5
     )
+
+
+@pytest.mark.parametrize("sizes", [[(7, 11), (7, 11)], [(9, 13), (5, 8)]], ids=["same", "mixed"])
+def test_unpadded_label_sizes_against_naive_loop(sizes):
+    """The official alignment: the whole score grid resized onto each image's un-padded labels (top-left)."""
+    class_logits, mask_logits, labels = _random_case(15)
+    labels[1, 1:4, 2:6] = 1
+    ours = mask_contrastive_loss(class_logits, mask_logits, labels, label_sizes=sizes)
+    assert ours.item() == pytest.approx(naive_loss(class_logits, mask_logits, labels, label_sizes=sizes), rel=1e-5)
+    cropped = mask_contrastive_loss(class_logits, mask_logits, labels[:, :7, :11].contiguous()) if sizes[0] == sizes[1] else None
+    if cropped is not None:  # equal sizes: the same as passing the cropped labels
+        assert ours.item() == cropped.item()
+
+
+def test_label_sizes_outside_the_grid_are_named():
+    class_logits, mask_logits, labels = _random_case(16)
+    with pytest.raises(ValueError, match="label_sizes must give one"):
+        mask_contrastive_loss(class_logits, mask_logits, labels, label_sizes=[(9, 14), (9, 13)])
+    with pytest.raises(ValueError, match="label_sizes must give one"):
+        mask_contrastive_loss(class_logits, mask_logits, labels, label_sizes=[(9, 13)])
 
 
 def test_gradients_reach_class_and_mask_logits():

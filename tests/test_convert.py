@@ -26,26 +26,24 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 from modeling_mask2anomaly import Mask2AnomalyForUniversalSegmentation
-from modeling_mask2anomaly.convert import (
+from modeling_mask2anomaly.conversion import (
     ConversionError,
+    Detectron2ConfigError,
+    UnevaluatedTag,
+    config_from_detectron2_yaml,
     convert_checkpoint,
     convert_state_dict,
-    init_from_mask2former,
+    load_detectron2_yaml,
     load_official_state_dict,
     main,
     target_specs,
 )
-from modeling_mask2anomaly.convert import logger as convert_logger
-from modeling_mask2anomaly.d2_config import (
-    Detectron2ConfigError,
-    UnevaluatedTag,
-    config_from_detectron2_yaml,
-    load_detectron2_yaml,
-)
 from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
 from modeling_mask2anomaly.inference import predict_anomaly
+from modeling_mask2anomaly.modeling_mask2anomaly import logger as modeling_logger
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+from shared_paths import SHARED_FIXTURES
+
 PARITY_FIXTURES = [SHARED_FIXTURES / "official_r50_small", SHARED_FIXTURES / "official_swin_small"]
 PARITY_FIXTURES += [Path(p) for p in os.environ.get("MASK2ANOMALY_PARITY_FIXTURES", "").split(os.pathsep) if p]
 R50 = SHARED_FIXTURES / "official_r50_small"
@@ -509,10 +507,10 @@ def test_init_from_mask2former_copies_foreground_into_background(tmp_path):
                                num_attention_heads=4, dim_feedforward=64, num_queries=10, num_labels=5)
     source = Mask2FormerForUniversalSegmentation(config).eval()
     source.save_pretrained(tmp_path / "m2f")
-    logger = logging.get_logger("modeling_mask2anomaly.convert")
+    logger = logging.get_logger("modeling_mask2anomaly.modeling_mask2anomaly")
     with CaptureLogger(logger) as captured:
-        model = init_from_mask2former(tmp_path / "m2f")
-    assert logger is convert_logger
+        model = Mask2AnomalyForUniversalSegmentation.from_mask2former(tmp_path / "m2f")
+    assert logger is modeling_logger
     assert "background attention" in captured.out and "2 decoder layers" in captured.out
 
     assert model.config.global_masked_attention and model.config.num_labels == 5 and model.config.num_queries == 10

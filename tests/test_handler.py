@@ -18,8 +18,9 @@ from PIL import Image
 
 from modeling_mask2anomaly import CITYSCAPES_CLASSES
 from modeling_mask2anomaly.visualize import CITYSCAPES_PALETTE
-from test_pipeline import isolated_remote_code, random_image, save_tiny_model  # noqa: F401  (fixture)
-from test_pipeline import single_thread  # noqa: F401  (autouse fixture: one torch thread)
+from tiny_models import random_image, save_tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLER = REPO / "modeling_mask2anomaly" / "handler.py"

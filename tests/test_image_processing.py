@@ -24,7 +24,9 @@ from modeling_mask2anomaly.image_processing_mask2anomaly import (
 )
 from modeling_mask2anomaly.inference import iter_predict_anomaly, predict_anomaly
 
-FIXTURES = Path("/work/shared/fixtures")
+from shared_paths import SHARED_FIXTURES
+
+FIXTURES = SHARED_FIXTURES
 R50 = FIXTURES / "official_r50_small"
 SWIN = FIXTURES / "official_swin_small"
 needs_fixtures = pytest.mark.skipif(not R50.is_dir(), reason="official fixtures are not mounted on this machine")

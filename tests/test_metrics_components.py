@@ -18,7 +18,7 @@ from mask2anomaly_eval.metrics import (
     merge_accumulators,
 )
 
-from test_metrics_pixel import CASES, FIXTURES, load_case
+from metric_cases import CASES, FIXTURES, assert_component_result, load_case, official_config
 
 
 TOL = 1e-9
@@ -30,27 +30,6 @@ PER_IMAGE_KEYS = {"sIoU_gt": "siou_gt", "size_gt": "size_gt", "PPV_pred": "ppv_p
 @pytest.fixture(scope="module")
 def reference() -> dict:
     return json.loads((FIXTURES / "expected_metrics.json").read_text())["cases"]
-
-
-def official_config(reference: dict, case: str, suffix: str) -> tuple[str, dict]:
-    track = reference[case]["inputs"]["track"]
-    name = ("SegEval-AnomalyTrack" if track == "anomaly" else "SegEval-ObstacleTrack") + suffix
-    return track, reference[case]["smiyc_components"][name]
-
-
-def assert_component_result(result: dict, expected: dict) -> None:
-    for ours, theirs in [("siou", "mean_sIoU"), ("ppv", "mean_PPV"), ("siou_pred", "mean_sIoU_pred"),
-                         ("mean_f1", "mean_F1")]:
-        if expected.get(theirs) is None:
-            assert np.isnan(result[ours]), ours
-        else:
-            assert result[ours] == pytest.approx(expected[theirs], abs=TOL, nan_ok=True), ours
-    assert result["f1_per_threshold"] == pytest.approx(expected["F1_per_tau"], abs=TOL)
-    assert result["tp_per_threshold"] == [row["TP"] for row in expected["per_tau"]]
-    assert result["fn_per_threshold"] == [row["FN"] for row in expected["per_tau"]]
-    assert result["fp_per_threshold"] == [row["FP"] for row in expected["per_tau"]]
-    assert result["num_gt_components"] == expected["num_gt_components"]
-    assert result["num_pred_components"] == expected["num_pred_components"]
 
 
 @pytest.mark.parametrize("suffix", CONFIG_SUFFIXES)

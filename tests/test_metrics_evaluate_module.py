@@ -9,8 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_metrics_components import assert_component_result, official_config
-from test_metrics_pixel import FIXTURES, assert_matches_sklearn, load_case, random_frames, sklearn_reference
+from metric_cases import (
+    FIXTURES,
+    assert_component_result,
+    assert_matches_sklearn,
+    load_case,
+    official_config,
+    random_frames,
+    sklearn_reference,
+)
 
 
 evaluate = pytest.importorskip("evaluate")

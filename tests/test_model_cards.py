@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from mask2anomaly_model_cards.card import write_model_card
 from mask2anomaly_model_cards.publish import main as publish_main
 import modeling_mask2anomaly
-from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor
+from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
 
 PACKAGE_DIR = Path(modeling_mask2anomaly.__file__).parent  # where the installed package keeps handler.py
 RESULT = {
@@ -29,13 +30,9 @@ RESULT_OBSTACLE = {**RESULT, "benchmark": "smiyc_ro21", "benchmark_name": "SMIYC
                    "metrics": {"auprc": 0.5, "fpr95": 0.002, "auroc": 0.99}}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("cards") / "tiny-model"
-    torch.manual_seed(0)
-    Mask2AnomalyForUniversalSegmentation(Mask2AnomalyConfig.tiny()).save_pretrained(folder)
-    Mask2AnomalyImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(folder)
-    return folder
+@pytest.fixture
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 def test_card_parses_with_hub_metadata_and_model_index(model_dir, tmp_path):
@@ -115,6 +112,8 @@ def test_publish_dry_run_writes_a_complete_safe_folder(model_dir, tmp_path):
             "README.md"} <= files
     assert not [f for f in files if Path(f).suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}]
     assert {f"{m}.py" for m in _remote_modules(out)} <= files
+    for module in _remote_modules(out):  # the package's files, whatever the model folder holds
+        assert (out / f"{module}.py").read_bytes() == (PACKAGE_DIR / f"{module}.py").read_bytes(), module
     assert {"configuration_mask2anomaly.py", "modeling_mask2anomaly.py", "image_processing_mask2anomaly.py"} <= files
     assert (out / "handler.py").read_bytes() == (PACKAGE_DIR / "handler.py").read_bytes()
     assert "transformers" in (out / "requirements.txt").read_text()
@@ -160,3 +159,91 @@ def test_publish_uploads_the_checked_folder(model_dir, tmp_path, monkeypatch):
     uploaded = calls[1][2]
     assert {"model.safetensors", "config.json", "handler.py", "README.md", "street.png",
             "modeling_mask2anomaly.py"} <= uploaded
+
+
+def _widget(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "road.png"
+    Image.new("RGB", (96, 64), (90, 90, 90)).save(path)
+    return path
+
+
+def test_publish_ships_only_the_weights_the_model_loads(model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from mask2anomaly_model_cards.publish import assemble_hub_folder
+
+    single = tmp_path / "single"
+    shutil.copytree(model_dir, single)
+    save_file({"exp_avg": torch.zeros(4)}, single / "optimizer.safetensors")
+    out = tmp_path / "hub-single"
+    out.mkdir()
+    files = assemble_hub_folder(single, out, "org/tiny", widget_images=[_widget(tmp_path)])
+    assert [f for f in files if f.endswith(".safetensors")] == ["model.safetensors"]
+
+    sharded = tmp_path / "sharded"
+    torch.manual_seed(0)
+    Mask2AnomalyForUniversalSegmentation(Mask2AnomalyConfig.tiny()).save_pretrained(sharded, max_shard_size="100KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1
+    save_file({"exp_avg": torch.zeros(4)}, sharded / "optimizer.safetensors")
+    save_file({"w": torch.zeros(4)}, sharded / "model-00009-of-00009.safetensors")  # a leftover, not in the index
+    out = tmp_path / "hub-sharded"
+    out.mkdir()
+    files = assemble_hub_folder(sharded, out, "org/tiny", widget_images=[_widget(tmp_path)])
+    assert {f for f in files if "safetensors" in f} == shards | {"model.safetensors.index.json"}
+    for shard in shards:
+        assert (out / shard).read_bytes() == (sharded / shard).read_bytes()
+
+
+def test_publish_refuses_links_out_of_the_model_folder(model_dir, tmp_path, capsys):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    secret = outside / "secret.safetensors"
+    shutil.copyfile(model_dir / "model.safetensors", secret)
+    for name, target in [("model.safetensors", secret), ("preprocessor_config.json", outside / "p.json")]:
+        folder = tmp_path / f"linked-{name}"
+        shutil.copytree(model_dir, folder)
+        if target.suffix == ".json":
+            shutil.copyfile(model_dir / name, target)
+        (folder / name).unlink()
+        (folder / name).symlink_to(target)
+        out = tmp_path / f"hub-{name}"
+        assert publish_main([str(folder), "--repo-id", "org/tiny", "--dry-run", "--output-dir", str(out),
+                             "--widget-image", str(_widget(tmp_path))]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{folder / name} is a link to {target}" in err and "outside" in err
+        assert not out.exists()
+    # a link that stays inside the folder is its own file
+    inside = tmp_path / "linked-inside"
+    shutil.copytree(model_dir, inside)
+    (inside / "weights").mkdir()
+    (inside / "model.safetensors").rename(inside / "weights" / "model.safetensors")
+    (inside / "model.safetensors").symlink_to(inside / "weights" / "model.safetensors")
+    from mask2anomaly_model_cards.publish import check_model_dir
+
+    assert [p.name for p in check_model_dir(inside)] == ["model.safetensors"]
+
+
+def test_publish_names_a_bad_config_or_foreign_remote_code_in_one_line(model_dir, tmp_path, capsys):
+    cases = {
+        "not-json": "{model_type: mask2anomaly",
+        "a-list": "[1, 2]",
+        "absolute-auto-map": None,
+    }
+    for name, text in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(model_dir, folder)
+        if text is None:
+            config = json.loads((folder / "config.json").read_text())
+            config["auto_map"]["AutoModel"] = "/etc/evil.Model"
+            text = json.dumps(config)
+        (folder / "config.json").write_text(text)
+        out = tmp_path / f"hub-{name}"
+        assert publish_main([str(folder), "--repo-id", "org/tiny", "--dry-run", "--output-dir", str(out),
+                             "--widget-image", str(_widget(tmp_path))]) == 1, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "config.json" in err and "Traceback" not in err, (name, err)
+        assert not out.exists()

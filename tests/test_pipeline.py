@@ -2,8 +2,8 @@
 anomaly entry present/absent by the threshold, the float-map pipeline, and both resolved from a saved folder
 with trust_remote_code in a subprocess where this package cannot be imported.
 
-Also the helpers the predict/handler/app tests share: a tiny saved model whose class head can be steered, and
-the naive reference (upsample, sigmoid, class-weighted sum, crop, resize; method.md)."""
+The helpers these tests share with the predict/handler tests are in `tiny_models.py`, the fixtures in
+`conftest.py`."""
 
 from __future__ import annotations
 
@@ -12,111 +12,20 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from PIL import Image
-from transformers import dynamic_module_utils, pipeline
+from transformers import pipeline
 
 from modeling_mask2anomaly import (
     CITYSCAPES_CLASSES,
-    Mask2AnomalyConfig,
-    Mask2AnomalyForUniversalSegmentation,
-    Mask2AnomalyImageProcessor,
 )
 from modeling_mask2anomaly.pipeline_mask2anomaly import Mask2AnomalyMapPipeline, Mask2AnomalySegmentationPipeline
 
-# Small working size so the CPU tests stay fast; the rule (shortest side, longest cap) is the official one.
-TEST_SIZE = {"shortest_edge": 64, "longest_edge": 128}
-NO_OBJECT = len(CITYSCAPES_CLASSES)
-SKY = CITYSCAPES_CLASSES.index("sky")
-ROAD = CITYSCAPES_CLASSES.index("road")
+from tiny_models import save_tiny_model, model_outputs, reference_class_scores, random_image
 
-
-def tiny_model(behaviour: str = "random", seed: int = 0) -> Mask2AnomalyForUniversalSegmentation:
-    """
-    A tiny Mask2Anomaly model in eval mode with a steered class head:
-
-    - "random": as initialised (scores near 0.5, nothing confident);
-    - "anomalous": every query says "no object" -> S_c ~ 0, anomaly ~ 1 everywhere;
-    - "normal": every query says "road" confidently -> S_road = sum_q sigmoid(m_q) >> 1, anomaly far below 0;
-    - "refining": about half the queries say "sky" with probability > 0.95 (kept by refinement), the rest mostly
-      "no object", so refinement zeroes part of a map that is otherwise high.
-    """
-    torch.manual_seed(seed)
-    model = Mask2AnomalyForUniversalSegmentation(Mask2AnomalyConfig.tiny()).eval()
-    head = model.class_predictor
-    with torch.no_grad():
-        if behaviour == "anomalous":
-            head.bias[NO_OBJECT] = 20.0
-        elif behaviour == "normal":
-            head.bias[ROAD] = 20.0
-        elif behaviour == "refining":
-            direction = torch.randn(head.in_features)
-            head.weight[SKY] = 40.0 * direction / direction.norm()
-            head.bias[NO_OBJECT] = 4.0
-        elif behaviour != "random":
-            raise ValueError(f"unknown behaviour {behaviour!r}")
-    return model
-
-
-def save_tiny_model(folder: Path, behaviour: str = "random", **processor_kwargs) -> Path:
-    """Save a steered tiny model and its processor (small working size) as a model folder."""
-    model = tiny_model(behaviour)
-    settings = {"size": dict(TEST_SIZE), **processor_kwargs}
-    processor = Mask2AnomalyImageProcessor.from_model_config(model.config, **settings)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-def model_outputs(model, processor: Mask2AnomalyImageProcessor, rgb: np.ndarray, do_resize: bool = True):
-    """Run the model on one (H, W, 3) uint8 image; returns the outputs and the un-padded processed size."""
-    inputs = processor(rgb, do_resize=do_resize, return_tensors="pt")
-    with torch.no_grad():
-        outputs = model(pixel_values=inputs["pixel_values"])
-    processed = processor.get_resized_size(rgb.shape[:2]) if do_resize else rgb.shape[:2]
-    return outputs, tuple(int(v) for v in processed)
-
-
-def reference_class_scores(outputs, processed: tuple[int, int], original: tuple[int, int]) -> torch.Tensor:
-    """Naive S_c(x) (C, H, W) at the original size: every mask upsampled at once (fine at test sizes)."""
-    probs = outputs.class_queries_logits[0].softmax(-1)[:, :-1]  # (Q, C), softmax over C+1 columns
-    masks = outputs.masks_queries_logits[0]  # (Q, h, w)
-    padded = (4 * masks.shape[-2], 4 * masks.shape[-1])
-    up = F.interpolate(masks[None], size=padded, mode="bilinear", align_corners=False)[0].sigmoid()
-    scores = torch.einsum("qc,qhw->chw", probs, up)[:, : processed[0], : processed[1]]
-    return F.interpolate(scores[None], size=original, mode="bilinear", align_corners=False)[0]
-
-
-def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """One torch thread: the tiny models run ~8x faster than with threads fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def isolated_remote_code(tmp_path, monkeypatch) -> Iterator[Path]:
-    """Remote code loaded in this process goes to a temporary modules cache and is forgotten afterwards."""
-    cache = tmp_path / "hf_modules"
-    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(cache))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    for name in [n for n in sys.modules if n.startswith("transformers_modules")]:
-        monkeypatch.delitem(sys.modules, name)
-    yield cache
-    for name in [n for n in sys.modules if n.startswith("transformers_modules")]:
-        del sys.modules[name]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------------------------ in process

@@ -18,8 +18,9 @@ from modeling_mask2anomaly import predict_anomaly
 from modeling_mask2anomaly import predict as predict_module
 from modeling_mask2anomaly.predict import main
 from modeling_mask2anomaly.visualize import INFERNO_LUT
-from test_pipeline import TEST_SIZE, model_outputs, random_image, reference_class_scores, save_tiny_model, tiny_model
-from test_pipeline import single_thread  # noqa: F401  (autouse fixture: one torch thread)
+from tiny_models import TEST_SIZE, model_outputs, random_image, reference_class_scores, save_tiny_model, tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 GOOD = {  # name -> (height, width) of the outputs
     "rgb.png": (40, 56),

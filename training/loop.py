@@ -79,6 +79,9 @@ def resolve_mixed_precision(requested: str) -> str:
     valid = ("auto", "no", "fp16", "bf16")
     if requested not in valid:
         raise ValueError(f"training.mixed_precision={requested!r} is not one of {', '.join(valid)}")
+    if requested == "fp16" and not torch.cuda.is_available():
+        # accelerate silently trains in float32 when fp16 is asked for without CUDA; say so instead
+        raise ValueError("training.mixed_precision=fp16 needs a CUDA device; on the CPU use bf16 or no")
     if requested != "auto":
         return requested
     return "fp16" if torch.cuda.is_available() else "no"

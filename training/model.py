@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
 from modeling_mask2anomaly.configuration_mask2anomaly import resnet_backbone
+from modeling_mask2anomaly.conversion import ConversionError, backbone
 from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
 
 from .config import ModelSettings, TrainingConfig
@@ -21,6 +22,7 @@ from .config import ModelSettings, TrainingConfig
 STAGE2_MUTABLE_CONFIG_KEYS = (
     "contrastive_loss", "contrastive_margin", "contrastive_weight", "class_weight", "mask_weight", "dice_weight",
     "no_object_weight", "train_num_points", "oversample_ratio", "importance_sample_ratio", "use_auxiliary_loss",
+    "contrastive_loss_alignment",
 )  # post-processing settings belong to the image processor: override them as `processor.<name>=...`
 
 
@@ -40,19 +42,13 @@ def model_config_from_settings(settings: ModelSettings) -> Mask2AnomalyConfig:
 
 
 def load_backbone_checkpoint(model: Mask2AnomalyForUniversalSegmentation, path: str) -> None:
-    """Load a backbone state dict (transformers' ResNet naming, optionally prefixed) into `model`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model.backbone_checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    prefix = "model.pixel_level_module.encoder."
-    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-    missing, unexpected = backbone_of(model).load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: not a backbone state dict of this model; missing {missing[:5]}..., "
-                         f"unexpected {unexpected[:5]}...")
+    """Load the backbone's starting weights (`model.backbone_checkpoint`): a torchvision-layout ResNet state dict
+    (Barlow Twins' `resnet50.pth`), detectron2's converted `.pkl`, or transformers names; strictly, never
+    unpickling code (`modeling_mask2anomaly.conversion.backbone`)."""
+    try:
+        backbone.load_backbone_checkpoint(model, path)
+    except ConversionError as error:
+        raise ValueError(f"model.backbone_checkpoint: {error}") from None
 
 
 def backbone_of(model: torch.nn.Module) -> torch.nn.Module:

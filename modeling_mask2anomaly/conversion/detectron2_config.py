@@ -26,7 +26,7 @@ import yaml
 from transformers import ResNetConfig, SwinConfig
 from transformers.utils import logging
 
-from .configuration_mask2anomaly import CITYSCAPES_CLASSES, CITYSCAPES_REFINE_CLASS_IDS, Mask2AnomalyConfig
+from ..configuration_mask2anomaly import CITYSCAPES_CLASSES, CITYSCAPES_REFINE_CLASS_IDS, Mask2AnomalyConfig
 
 logger = logging.get_logger(__name__)
 

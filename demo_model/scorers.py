@@ -1,0 +1,106 @@
+"""The registry of per-pixel anomaly scorers: adding a scorer is one `Scorer` entry in `SCORERS` (plus its test).
+
+Each scorer turns the channels that the image processor renders for a block of output rows into anomaly scores
+(higher = more anomalous). Channels, for C known classes and queries q (softmax over all C+1 class columns):
+
+- ``class_scores`` S (C, n, W): ``S_c(x) = sum_q softmax(class_q)[c] * sigmoid(m_q(x))`` (always rendered);
+- ``eam_sum`` (n, W): ``sum_q sigmoid(m_q(x)) * max_c softmax(class_q)[c]`` (rendered when `needs_eam`);
+- ``class_logits`` L (C, n, W): ``L_c(x) = sum_q softmax(class_q)[c] * m_q(x)`` over the upsampled mask *logits*
+  (rendered when `needs_logits`).
+
+`bounded` scorers live on a fixed `score_range` (up to the odd value just outside it, e.g. 1 - max_c S_c < 0),
+so their heatmaps use that range as their colour scale (`display_range`); unbounded ones get each image's own
+range. `default_threshold` is the scorer's decision threshold when none is set.
+
+This file travels to the Hub as remote code: it imports only the standard library and torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+ScoreFunction = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """One anomaly scorer: `function(class_scores (C, n, W), eam_sum (n, W) | None, class_logits (C, n, W) | None)
+    -> (n, W)`, the extra channels it needs, and how its values are read."""
+
+    name: str
+    function: ScoreFunction
+    formula: str
+    needs_eam: bool = False
+    needs_logits: bool = False
+    score_range: tuple[float, float] | None = None  # None: unbounded
+    default_threshold: float = 0.5
+
+    @property
+    def bounded(self) -> bool:
+        return self.score_range is not None
+
+    @property
+    def display_range(self) -> tuple[float, float] | None:
+        """Fixed (vmin, vmax) of heatmaps, so that colours mean the same in every image; None: the image's range."""
+        return self.score_range
+
+
+def _mask2anomaly(class_scores: torch.Tensor, eam_sum: torch.Tensor | None,
+                  class_logits: torch.Tensor | None) -> torch.Tensor:
+    return class_scores.max(dim=0).values.neg_().add_(1.0)
+
+
+def _rba(class_scores: torch.Tensor, eam_sum: torch.Tensor | None, class_logits: torch.Tensor | None) -> torch.Tensor:
+    return -torch.tanh(class_scores).sum(dim=0)
+
+
+def _eam(class_scores: torch.Tensor, eam_sum: torch.Tensor | None, class_logits: torch.Tensor | None) -> torch.Tensor:
+    return 1.0 - eam_sum
+
+
+def _msp(class_scores: torch.Tensor, eam_sum: torch.Tensor | None, class_logits: torch.Tensor | None) -> torch.Tensor:
+    # S_c > 0 everywhere (a sum of positive terms), the clamp only guards against underflow
+    total = class_scores.sum(dim=0).clamp_min(torch.finfo(class_scores.dtype).tiny)
+    return 1.0 - class_scores.max(dim=0).values / total
+
+
+def _max_logit(class_scores: torch.Tensor, eam_sum: torch.Tensor | None,
+               class_logits: torch.Tensor | None) -> torch.Tensor:
+    return -class_logits.max(dim=0).values
+
+
+def _energy(class_scores: torch.Tensor, eam_sum: torch.Tensor | None,
+            class_logits: torch.Tensor | None) -> torch.Tensor:
+    return -torch.logsumexp(class_logits, dim=0)
+
+
+SCORERS: dict[str, Scorer] = {
+    scorer.name: scorer
+    for scorer in (
+        Scorer("mask2anomaly", _mask2anomaly, "1 - max_c S_c(x) (the paper's and the official code's score)",
+               score_range=(0.0, 1.0)),
+        Scorer("rba", _rba, "-sum_c tanh(S_c(x)) (Rejected by All, Nayal et al. 2023)"),
+        Scorer("eam", _eam, "1 - sum_q sigmoid(m_q(x)) * max_c softmax(class_q)[c]", needs_eam=True,
+               score_range=(0.0, 1.0)),
+        Scorer("msp", _msp, "1 - max_c S_c(x) / sum_c S_c(x)", score_range=(0.0, 1.0)),
+        Scorer("max_logit", _max_logit, "-max_c L_c(x)", needs_logits=True),
+        Scorer("energy", _energy, "-logsumexp_c L_c(x) (free energy at temperature 1)", needs_logits=True),
+    )
+}
+
+ANOMALY_SCORERS: tuple[str, ...] = tuple(SCORERS)
+DEFAULT_SCORER = "mask2anomaly"
+
+
+def get_scorer(name: str, what: str = "anomaly_scorer") -> Scorer:
+    """The registered scorer `name`; ValueError naming the value and the choices otherwise."""
+    scorer = SCORERS.get(name) if isinstance(name, str) else None
+    if scorer is None:
+        raise ValueError(f"{what}={name!r} is not one of {', '.join(ANOMALY_SCORERS)}")
+    return scorer
+
+
+__all__ = ["ANOMALY_SCORERS", "DEFAULT_SCORER", "SCORERS", "Scorer", "get_scorer"]

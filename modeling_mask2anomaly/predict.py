@@ -259,7 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the workers run this same command line; WORLD_SIZE tells each it is one of them
         return launch("modeling_mask2anomaly.predict", sys.argv[1:] if argv is None else list(argv),
                       args.num_processes)
-    process = current_process(cpu=device.type == "cpu")
+    try:
+        process = current_process()
+    except ValueError as err:
+        print(f"mask2anomaly-predict: {err}", file=sys.stderr)
+        return 2
     if process.count > 1 and device.type == "cuda":
         device = torch.device("cuda", process.local_index % torch.cuda.device_count())
     output_dir = Path(args.output_dir)

@@ -3,12 +3,13 @@ of the processes, with the outputs a single process would write.
 
 Two ways to get the processes:
 
-- ``accelerate launch [--cpu] --num_processes N -m modeling_mask2anomaly.predict ...`` (or torchrun): the
-  launcher sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; `current_process` reads them through accelerate's
-  `PartialState`, which also places each process on its own GPU (``cuda:LOCAL_RANK``) when there are GPUs;
+- ``accelerate launch --multi_gpu --num_processes N -m modeling_mask2anomaly.predict ...`` (accelerate's
+  torchrun launcher; it runs CPU-only processes too) or ``torchrun --nproc-per-node N -m ...``: the launcher sets
+  ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``, which `current_process` reads; on GPUs each process takes
+  ``cuda:LOCAL_RANK``;
 - ``mask2anomaly-predict --num-processes N ...``: `launch` starts N copies of the command on this machine with
   those variables set (and ``OMP_NUM_THREADS`` = cores / N unless it is set), waits for them and returns the worst
-  exit status; a copy that dies abnormally stops the others.
+  exit status.
 
 Each process takes one contiguous block of the sorted input list (`shard`): blocks keep images of one folder, and
 so often of one size, together for batching, and their sizes differ by at most one image. Output names are decided
@@ -18,20 +19,13 @@ on the whole list before sharding, so they are those of one process.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
-
-#: the environment variables a launcher (accelerate launch, torchrun, `launch`) sets for each process
-LAUNCH_VARIABLES: tuple[str, ...] = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                                     "MASTER_PORT")
-
 
 @dataclass(frozen=True)
 class ProcessInfo:
@@ -47,24 +41,44 @@ class ProcessInfo:
         return self.index == 0
 
 
+# the variables each launcher sets: torchrun / accelerate launch / `launch`, then MPI (accelerate's multi-CPU route)
+_WORLD_SIZE = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_RANK = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+_LOCAL_RANK = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _env_int(names: Sequence[str], default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            value = os.environ[name]
+            try:
+                return int(value)
+            except ValueError as err:
+                raise ValueError(f"{name}={value!r} in the environment is not a whole number") from err
+    return default
+
+
 def launched_world_size() -> int:
-    """The number of processes a launcher started (``WORLD_SIZE``), 1 when none did."""
-    value = os.environ.get("WORLD_SIZE", "1")
-    try:
-        return max(1, int(value))
-    except ValueError as err:
-        raise ValueError(f"WORLD_SIZE={value!r} in the environment is not a number of processes") from err
+    """The number of processes a launcher started (``WORLD_SIZE`` or its MPI equivalents), 1 when none did."""
+    return max(1, _env_int(_WORLD_SIZE, 1))
 
 
-def current_process(cpu: bool = True) -> ProcessInfo:
-    """This process's place: from accelerate's `PartialState` when a launcher started several (``WORLD_SIZE`` > 1;
-    `cpu=True` keeps the processes on the CPU, gloo), else the one process."""
-    if launched_world_size() == 1:
+def current_process() -> ProcessInfo:
+    """
+    This process's place among those a launcher started, from the variables it sets (``RANK``/``WORLD_SIZE``/
+    ``LOCAL_RANK`` of torchrun, accelerate launch and `launch`, or their MPI equivalents), else the one process.
+
+    The processes never talk to each other (each writes its own files), so no process group is set up: nothing to
+    wait on when one of them fails, and no accelerate needed in an inference-only install.
+    """
+    count = launched_world_size()
+    if count == 1:
         return ProcessInfo()
-    from accelerate import PartialState
-
-    state = PartialState(cpu=cpu)
-    return ProcessInfo(state.process_index, state.num_processes, state.local_process_index)
+    index = _env_int(_RANK, -1)
+    if not 0 <= index < count:
+        raise ValueError(f"the launcher started {count} processes but this one's RANK is {index}; expected 0 to "
+                         f"{count - 1}")
+    return ProcessInfo(index, count, max(0, _env_int(_LOCAL_RANK, index)))
 
 
 def shard_bounds(length: int, index: int, count: int) -> tuple[int, int]:
@@ -83,56 +97,37 @@ def shard(items: Sequence[T], index: int, count: int) -> list[T]:
     return list(items[start:end])
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def worker_environment(index: int, count: int, port: int, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of process `index` of `count` started by `launch` (what accelerate launch / torchrun set)."""
+def worker_environment(index: int, count: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of process `index` of `count` started by `launch`: the ranks torchrun / accelerate launch set
+    (no rendezvous address: the processes never form a process group)."""
     env = dict(os.environ if base is None else base)
-    env.update(WORLD_SIZE=str(count), RANK=str(index), LOCAL_RANK=str(index), LOCAL_WORLD_SIZE=str(count),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.update(WORLD_SIZE=str(count), RANK=str(index), LOCAL_RANK=str(index), LOCAL_WORLD_SIZE=str(count))
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // count))
     return env
 
 
-def launch(module: str, argv: Sequence[str], num_processes: int, poll_s: float = 0.2) -> int:
+def launch(module: str, argv: Sequence[str], num_processes: int) -> int:
     """
-    Run `python -m module *argv` in `num_processes` processes on this machine (see `worker_environment`) and
-    return the worst exit status. Exit statuses 0 and 1 are a worker's normal ends; any other (a crash, a signal)
-    stops the remaining workers, since they would then wait on it.
+    Run `python -m module *argv` in `num_processes` processes on this machine (see `worker_environment`), wait for
+    all of them and return the worst exit status (a process killed by signal N counts as 128 + N). A process that
+    fails does not stop the others: they share nothing, so their shards are still worth finishing.
     """
     if num_processes < 1:
         raise ValueError(f"--num-processes must be at least 1; got {num_processes}")
-    port = _free_port()
     command = [sys.executable, "-m", module, *argv]
-    workers = [subprocess.Popen(command, env=worker_environment(i, num_processes, port)) for i in range(num_processes)]
-    statuses: dict[int, int] = {}
+    workers = [subprocess.Popen(command, env=worker_environment(i, num_processes)) for i in range(num_processes)]
     try:
-        while len(statuses) < len(workers):
-            for index, worker in enumerate(workers):
-                if index in statuses or worker.poll() is None:
-                    continue
-                statuses[index] = worker.returncode
-                if worker.returncode not in (0, 1):
-                    for other in workers:
-                        if other.poll() is None:
-                            other.terminate()
-            time.sleep(poll_s)
+        statuses = [worker.wait() for worker in workers]
     finally:
         for worker in workers:
-            if worker.poll() is None:
+            if worker.poll() is None:  # interrupted: do not leave orphans
                 worker.kill()
-            worker.wait()
-    # a negative status (killed by a signal) is reported as 1 + 128-style positive code
-    return max((code if code >= 0 else 128 - code) for code in statuses.values())
+                worker.wait()
+    return max(code if code >= 0 else 128 - code for code in statuses)
 
 
 __all__ = [
-    "LAUNCH_VARIABLES",
     "ProcessInfo",
     "current_process",
     "launch",

@@ -29,15 +29,17 @@ from modeling_mask2anomaly.backends import (
 from modeling_mask2anomaly.export import export_folder
 from modeling_mask2anomaly.inference import backend_input_size, load_model_and_processor, predict_anomaly
 from modeling_mask2anomaly.predict import main
-from test_pipeline import random_image
-from test_pipeline import single_thread  # noqa: F401  (autouse fixture: one torch thread)
+from shared_paths import REPO_ROOT
+from tiny_models import random_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 DEMO = ROOT / "demo_model"
 SAMPLES = sorted((ROOT / "samples").glob("*.png"))
 EXPORT_SIZE = (128, 256)  # the demo processor's size for 1:2 road images (shortest side 128)
 MAP_ATOL = 1e-4
 RUNTIMES = {"onnxruntime": OnnxRuntimeBackend, "openvino": OpenVINOBackend}
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Many processes for `mask2anomaly-predict` (`sharding.py`): the shards partition the inputs, and two CPU processes
-(gloo) started by `--num-processes 2` or by `accelerate launch` predict each image exactly once and write byte for
+started by `--num-processes 2` or by `accelerate launch` predict each image exactly once and write byte for
 byte the files one process writes."""
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import pytest
 from PIL import Image
 
 from modeling_mask2anomaly.predict import main
-from modeling_mask2anomaly.sharding import shard, shard_bounds, worker_environment
-from test_pipeline import random_image, save_tiny_model
-from test_pipeline import single_thread  # noqa: F401  (autouse fixture: one torch thread)
+from modeling_mask2anomaly.sharding import ProcessInfo, current_process, shard, shard_bounds, worker_environment
+from tiny_models import random_image, save_tiny_model
 
 SUMMARY = re.compile(r"^(?P<path>\S+): \d+x\d+, max score")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
@@ -39,11 +40,25 @@ def test_shard_bounds_refuse_a_shard_that_does_not_exist():
 
 
 def test_worker_environment_is_what_a_launcher_sets():
-    env = worker_environment(1, 2, 29999, base={"PATH": "/bin"})
-    assert {k: env[k] for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")} == {
-        "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": "29999"}
+    env = worker_environment(1, 2, base={"PATH": "/bin"})
+    assert {k: env[k] for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "PATH")} == {
+        "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "PATH": "/bin"}
     assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
-    assert worker_environment(0, 2, 1, base={"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
+    assert worker_environment(0, 2, base={"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
+
+
+def test_current_process_reads_what_the_launchers_set(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID"):
+        monkeypatch.delenv(name, raising=False)
+    assert current_process() == ProcessInfo(0, 1, 0)
+    monkeypatch.setenv("PMI_SIZE", "4")  # mpirun (accelerate's multi-CPU route)
+    monkeypatch.setenv("PMI_RANK", "3")
+    monkeypatch.setenv("MPI_LOCALRANKID", "1")
+    assert current_process() == ProcessInfo(3, 4, 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun / accelerate launch: these come first
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="started 2 processes but this one's RANK is 2; expected 0 to 1"):
+        current_process()
 
 
 @pytest.fixture(scope="module")

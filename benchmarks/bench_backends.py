@@ -38,9 +38,9 @@ from transformers import Mask2FormerForUniversalSegmentation
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor
 from modeling_mask2anomaly.backends import Backend, TorchBackend, load_backend
-from modeling_mask2anomaly.modeling_mask2anomaly import mask2former_config_from_mask2anomaly
 from modeling_mask2anomaly.export import export_folder
 from modeling_mask2anomaly.inference import predict_anomaly
+from modeling_mask2anomaly.modeling_mask2anomaly import mask2former_config_from_mask2anomaly
 
 FORMS = ("stock", "eager", "compiled", "onnxruntime", "openvino")
 

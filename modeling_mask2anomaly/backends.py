@@ -260,8 +260,8 @@ def load_backend(
     path = onnx_file(model_name_or_path)
     folder = path.parent
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json beside {path.name}; the exported folder carries the model "
-                                "and processor configs (export it again with mask2anomaly-export)")
+        raise FileNotFoundError(f"{folder} has no config.json beside {path.name}; the exported folder carries the "
+                                "model and processor configs (export it again with mask2anomaly-export)")
     config = Mask2AnomalyConfig.from_pretrained(folder)
     return ONNX_BACKENDS[backend](path, device, num_threads=num_threads), load_processor(folder, config)
 

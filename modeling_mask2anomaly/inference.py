@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from PIL import Image
-from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
 from transformers.image_utils import SizeDict
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
 from transformers.utils import logging
 
 from .backends import Backend, BackendName, TorchBackend, load_backend

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shared_paths import REPO_ROOT
+from tiny_models import random_image
 from transformers.image_utils import SizeDict
 
 from modeling_mask2anomaly.backends import (
@@ -29,8 +31,6 @@ from modeling_mask2anomaly.backends import (
 from modeling_mask2anomaly.export import export_folder
 from modeling_mask2anomaly.inference import backend_input_size, load_model_and_processor, predict_anomaly
 from modeling_mask2anomaly.predict import main
-from shared_paths import REPO_ROOT
-from tiny_models import random_image
 
 ROOT = REPO_ROOT
 DEMO = ROOT / "demo_model"
@@ -150,7 +150,8 @@ def test_fixed_size_graph_refuses_large_images_without_resize(exported, demo, tm
                  "--output-dir", str(out)])
     captured = capsys.readouterr()
     assert code == 1
-    assert "large.png: an image of 200x300 (not resized) is larger than the exported model's fixed input" in captured.err
+    assert "large.png: an image of 200x300 (not resized) is larger than the exported model's fixed input" \
+        in captured.err
     assert "Traceback" not in captured.err
     assert sorted(p.name for p in out.glob("*_anomaly.npy")) == ["small_anomaly.npy"]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import random_image, save_tiny_model
 
 from modeling_mask2anomaly.predict import main
 from modeling_mask2anomaly.sharding import ProcessInfo, current_process, shard, shard_bounds, worker_environment
-from tiny_models import random_image, save_tiny_model
 
 SUMMARY = re.compile(r"^(?P<path>\S+): \d+x\d+, max score")
 

@@ -345,11 +345,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load_backend(args: argparse.Namespace, device: torch.device) -> tuple[Backend, Any]:
-    """The backend and processor the flags ask for (the torch backend through `load_model_and_processor`)."""
+    """The backend and processor the flags ask for (the torch backend through `load_model_and_processor`). The ONNX
+    runtimes keep their own thread pools: they get torch's thread count when OMP_NUM_THREADS sets it (as
+    `--num-processes` does per process), else their own default."""
     if args.backend == "torch":
         model, processor = load_model_and_processor(args.model, device, DTYPES[args.dtype])
         return TorchBackend(model, device, compile=args.compile), processor
-    return load_backend(args.model, args.backend, device)
+    threads = torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else None
+    return load_backend(args.model, args.backend, device, num_threads=threads)
 
 
 if __name__ == "__main__":

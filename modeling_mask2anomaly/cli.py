@@ -90,6 +90,9 @@ def apply_threads(threads: int | None) -> int:
 
 #: names of the forward-pass precisions of ``--dtype`` (torch dtypes of the same name)
 DTYPE_NAMES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+#: what can run the network in `mask2anomaly-predict` (the keys of `backends.BACKENDS`; a test holds them equal,
+#: that module loads torch)
+BACKEND_NAMES: tuple[str, ...] = ("torch", "onnxruntime", "openvino")
 #: the output layouts of `mask2anomaly-predict`: its own files, or a benchmark's submission layout
 OUTPUT_FORMATS: tuple[str, ...] = ("default", "smiyc", "fishyscapes")
 
@@ -110,6 +113,16 @@ def build_predict_parser() -> argparse.ArgumentParser:
                         help="weights and activations of the forward pass on a GPU; pre- and post-processing stay "
                              "float32 (the CPU runs float32 only)")
     add_threads_argument(parser)
+    parser.add_argument("--backend", choices=BACKEND_NAMES, default="torch",
+                        help="what runs the network: torch (the model folder), onnxruntime or openvino (a folder "
+                             "written by mask2anomaly-export; extras [onnx] / [openvino]); pre- and post-processing "
+                             "are the same for all")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch backend: run the model through torch.compile (the first image of each size "
+                             "compiles, later ones are faster)")
+    parser.add_argument("--num-processes", type=int, default=1, metavar="N",
+                        help="shard the inputs across N processes on this machine, each image predicted once, the "
+                             "outputs those of one process (or start the command with `accelerate launch`)")
     parser.add_argument("--no-refine", action="store_true", help="turn off mask refinement by confident stuff masks")
     parser.add_argument("--no-flip", action="store_true", help="turn off horizontal-flip test-time augmentation")
     parser.add_argument("--no-resize", action="store_true",
@@ -140,7 +153,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     apply_threads(args.threads)
     from .predict import run
 
-    return run(args)
+    return run(args, argv)
 
 
 # ------------------------------------------------------------------------------------------------ convert

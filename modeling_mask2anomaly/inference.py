@@ -1,6 +1,7 @@
 """Inference drivers: load a model with its processor, pick the device, and run images through the one path
-image -> RGB uint8 (once) -> batches of one processed size (once) -> processor -> model -> one-pass
-post-processing (`Mask2AnomalyImageProcessor.post_process_anomaly_and_semantic`) -> `AnomalyPrediction`.
+image -> RGB uint8 (once) -> batches of one processed size (once) -> processor -> backend (the network: the PyTorch
+model, compiled or not, ONNX Runtime or OpenVINO; `backends.py`) -> one-pass post-processing
+(`Mask2AnomalyImageProcessor.post_process_anomaly_and_semantic`) -> `AnomalyPrediction`.
 
 Not remote code: the image processor is a pure data transform and never runs a model; this module does.
 """
@@ -16,9 +17,11 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_utils import SizeDict
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
 from transformers.utils import logging
 
+from .backends import Backend, BackendName, TorchBackend, load_backend
 from .configuration_mask2anomaly import LEGACY_PROCESSOR_KEYS, legacy_processor_settings
 from .image_processing_mask2anomaly import ImageLike, Mask2AnomalyImageProcessor, to_rgb_uint8
 from .modeling_mask2anomaly import Mask2AnomalyForUniversalSegmentation
@@ -136,18 +139,34 @@ def resolve_model_source(model_name_or_path: str | os.PathLike) -> tuple[str, bo
     return name, True
 
 
+def load_processor(model_name_or_path: str | os.PathLike, config: Any,
+                   local_files_only: bool = False) -> Mask2AnomalyImageProcessor:
+    """
+    The processor of a model folder or Hub id, from its preprocessor_config.json. Legacy rule: post-processing
+    settings that an older config.json still carries (`config.legacy_postprocessing`) fill in only the keys that
+    preprocessor_config.json lacks; a folder without preprocessor_config.json gets the official pre-processing with
+    those settings.
+    """
+    name = os.fspath(model_name_or_path)
+    legacy = legacy_processor_settings(config)
+    try:
+        saved, _ = Mask2AnomalyImageProcessor.get_image_processor_dict(name, local_files_only=local_files_only)
+    except OSError:
+        logger.warning(f"{name} has no preprocessor_config.json; using the official pre-processing with the "
+                       f"post-processing settings of its config")
+        return Mask2AnomalyImageProcessor.from_model_config(config)
+    missing = {key: value for key, value in legacy.items() if key in LEGACY_PROCESSOR_KEYS and key not in saved}
+    return Mask2AnomalyImageProcessor.from_pretrained(name, local_files_only=local_files_only, **missing)
+
+
 def load_model_and_processor(
     model_name_or_path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor]:
     """
-    The model (in eval mode, weights cast to `dtype`, on `device`) and its processor from a folder or a Hub id (the
-    Hub cache works offline).
-
-    The processor comes from preprocessor_config.json. Legacy rule: post-processing settings that an older
-    config.json still carries (`config.legacy_postprocessing`) fill in only the keys that preprocessor_config.json
-    lacks; a folder without preprocessor_config.json gets the official pre-processing with those settings.
+    The model (in eval mode, weights cast to `dtype`, on `device`) and its processor (`load_processor`) from a
+    folder or a Hub id (the Hub cache works offline).
 
     Raises:
         ModelNotFoundError: (one line, at once) for a missing folder, a Hub id that is not in the local cache when
@@ -164,15 +183,7 @@ def load_model_and_processor(
         raise ModelNotFoundError(f"model {name!r} could not be loaded from the Hub (is the id right? a private or "
                                  f"gated model needs `hf auth login`): {first}") from err
     model = model.to(device=device, dtype=dtype).eval()
-    legacy = legacy_processor_settings(model.config)
-    try:
-        saved, _ = Mask2AnomalyImageProcessor.get_image_processor_dict(name, local_files_only=local_files_only)
-    except OSError:
-        logger.warning(f"{name} has no preprocessor_config.json; using the official pre-processing with the "
-                       f"post-processing settings of its config")
-        return model, Mask2AnomalyImageProcessor.from_model_config(model.config)
-    missing = {key: value for key, value in legacy.items() if key in LEGACY_PROCESSOR_KEYS and key not in saved}
-    return model, Mask2AnomalyImageProcessor.from_pretrained(name, local_files_only=local_files_only, **missing)
+    return model, load_processor(name, model.config, local_files_only)
 
 
 # ------------------------------------------------------------------------------------------------ batching
@@ -222,23 +233,67 @@ def _input_placement(model: torch.nn.Module, device: str | torch.device | None) 
     return device, dtype
 
 
+def backend_input_size(
+    image_processor: Mask2AnomalyImageProcessor,
+    original_size: tuple[int, int],
+    do_resize: bool | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """
+    The un-padded (height, width) a backend sees for an image of `original_size`: the processor's processed size;
+    for a backend fixed to `input_size` (an ONNX graph of fixed height and width), that size when it fits (the
+    image is then padded to `input_size`), else, with resizing on, the largest size of the image's aspect ratio
+    that fits. Without resizing, an image that does not fit is refused with a `ValueError` saying what to do.
+    """
+    do_resize = image_processor.do_resize if do_resize is None else bool(do_resize)
+    processed = image_processor.processed_size(original_size, do_resize)
+    if input_size is None:
+        return processed
+    fixed_h, fixed_w = int(input_size[0]), int(input_size[1])
+    if processed[0] <= fixed_h and processed[1] <= fixed_w:
+        return processed
+    if not do_resize:
+        raise ValueError(
+            f"an image of {original_size[0]}x{original_size[1]} (not resized) is larger than the exported model's "
+            f"fixed input {fixed_h}x{fixed_w}; resize it (drop --no-resize), or export with --height/--width of at "
+            f"least {processed[0]}x{processed[1]} rounded up to 32, or with --dynamic"
+        )
+    height, width = int(original_size[0]), int(original_size[1])
+    scale = min(fixed_h / height, fixed_w / width)
+    return min(fixed_h, max(1, int(height * scale + 0.5))), min(fixed_w, max(1, int(width * scale + 0.5)))
+
+
+def as_backend(model: torch.nn.Module | Backend, device: str | torch.device | None = None) -> Backend:
+    """`model` as a backend: a `Backend` as it is, a PyTorch module as an eager `TorchBackend` (inputs on `device`,
+    default the module's)."""
+    if isinstance(model, Backend):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return TorchBackend(model, device)
+    raise TypeError(f"expected a torch.nn.Module or a backends.Backend as the model; got {type(model).__name__}")
+
+
 # ------------------------------------------------------------------------------------------------ prediction
 
 
 def predict_batch(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Backend,
     image_processor: Mask2AnomalyImageProcessor,
     images: Sequence[np.ndarray],
     flip_tta: bool,
     refine: bool | None = None,
     scorer: str | None = None,
     device: torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     do_resize: bool | None = None,
 ) -> list[AnomalyPrediction]:
     """
-    Predictions for one batch of (H, W, 3) uint8 RGB `images` of one processed size (as `batches_of_equal_size`
-    forms them): one forward pass (two with flip TTA) and one post-processing pass. `model` must be in eval mode.
+    Predictions for one batch of (H, W, 3) uint8 RGB `images` of one backend input size (`backend_input_size`, as
+    `batches_of_equal_size` forms them): one forward pass (two with flip TTA) and one post-processing pass.
+
+    `model` is a `Backend` (see `backends.py`) or a PyTorch module (run as an eager `TorchBackend` with inputs on
+    `device` in `dtype`, default the module's). A backend of fixed input size gets the processed images padded to
+    it (shrunk to fit first when larger, see `backend_input_size`); the maps are cropped back as always.
     """
     by_scorer = predict_batch_scorers(model, image_processor, images, flip_tta, (scorer,), refine=refine,
                                       device=device, dtype=dtype, do_resize=do_resize)
@@ -246,32 +301,38 @@ def predict_batch(
 
 
 def predict_batch_scorers(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Backend,
     image_processor: Mask2AnomalyImageProcessor,
     images: Sequence[np.ndarray],
     flip_tta: bool,
     scorers: Sequence[str | None],
     refine: bool | None = None,
     device: torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     do_resize: bool | None = None,
 ) -> list[dict[str | None, AnomalyPrediction]]:
     """
     `predict_batch` for several scorers sharing the forward pass: per image, ``{scorer: AnomalyPrediction}``, one
     post-processing pass per scorer (None = the processor's `anomaly_scorer`).
     """
+    backend = as_backend(model, device)
+    if dtype is not None and backend is not model:
+        backend.dtype = dtype
     do_resize = image_processor.do_resize if do_resize is None else bool(do_resize)
     original_sizes = [image.shape[:2] for image in images]
-    processed_sizes = [image_processor.processed_size(size, do_resize) for size in original_sizes]
+    processed_sizes = [backend_input_size(image_processor, size, do_resize, backend.input_size)
+                       for size in original_sizes]
+    sizing: dict[str, Any] = {}
+    if backend.input_size is not None:
+        sizing["pad_size"] = SizeDict(height=backend.input_size[0], width=backend.input_size[1])
+        if do_resize:  # the batch shares one size; it is the processor's own unless shrunk to fit
+            sizing["size"] = {"height": processed_sizes[0][0], "width": processed_sizes[0][1]}
 
     def forward(arrays: Sequence[np.ndarray]) -> Mask2FormerForUniversalSegmentationOutput:
-        inputs = image_processor(list(arrays), do_resize=do_resize, return_tensors="pt")
-        with torch.no_grad():
-            # in the model's dtype, so that bfloat16/float16 models take the float32 pre-processing
-            outputs = model(pixel_values=inputs["pixel_values"].to(device=device, dtype=dtype))
-        # keep only what post-processing reads
-        return Mask2FormerForUniversalSegmentationOutput(class_queries_logits=outputs.class_queries_logits,
-                                                         masks_queries_logits=outputs.masks_queries_logits)
+        inputs = image_processor(list(arrays), do_resize=do_resize, return_tensors="pt", **sizing)
+        # the backend casts to its dtype, so that bfloat16/float16 models take the float32 pre-processing; only
+        # what post-processing reads is kept
+        return backend(inputs["pixel_values"])
 
     outputs = forward(images)
     # the official script flips the original image (before resizing), not the padded tensor
@@ -290,9 +351,38 @@ def predict_batch_scorers(
     return results
 
 
+def _resolve_model(
+    model: torch.nn.Module | Backend | str | os.PathLike,
+    image_processor: Mask2AnomalyImageProcessor | None,
+    backend: BackendName | None,
+    compile: bool,
+    device: str | torch.device | None,
+) -> tuple[Backend, Mask2AnomalyImageProcessor]:
+    """The backend and processor `iter_predict_anomaly` runs: a path or Hub id loaded with `load_backend`, a module
+    wrapped as a `TorchBackend` (compiled with `compile`), a `Backend` as it is."""
+    if isinstance(model, (str, os.PathLike)):
+        loaded, processor = load_backend(model, backend or "torch", resolve_device(device or "cpu"), compile=compile)
+        return loaded, processor if image_processor is None else image_processor
+    if image_processor is None:
+        raise ValueError("image_processor is needed with a model object; pass a model folder to load both")
+    if isinstance(model, Backend):
+        if backend is not None and backend != model.name:
+            raise ValueError(f"backend={backend!r} but the model passed is a {model.name} backend")
+        if compile:
+            raise ValueError("compile=True is for a PyTorch module; a Backend object is used as it is "
+                             "(build TorchBackend(model, compile=True) to compile)")
+        return model, image_processor
+    if backend not in (None, "torch"):
+        raise ValueError(f"backend={backend!r} runs an exported folder; pass its path (or a Backend) as the model, "
+                         "not a PyTorch module")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a model folder, a torch.nn.Module or a Backend; got {type(model).__name__}")
+    return TorchBackend(model, device, compile=compile), image_processor
+
+
 def iter_predict_anomaly(
-    model: torch.nn.Module,
-    image_processor: Mask2AnomalyImageProcessor,
+    model: torch.nn.Module | Backend | str | os.PathLike,
+    image_processor: Mask2AnomalyImageProcessor | None,
     images: ImageLike | Iterable[ImageLike],
     flip_tta: bool | None = None,
     refine: bool | None = None,
@@ -300,33 +390,30 @@ def iter_predict_anomaly(
     batch_size: int = 1,
     device: str | torch.device | None = None,
     do_resize: bool | None = None,
+    backend: BackendName | None = None,
+    compile: bool = False,
 ) -> Iterator[AnomalyPrediction]:
     """Generator form of `predict_anomaly`: reads `images` lazily and yields one prediction per image, in order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+    runner, image_processor = _resolve_model(model, image_processor, backend, compile, device)
     flip_tta = image_processor.flip_tta if flip_tta is None else flip_tta
     do_resize = image_processor.do_resize if do_resize is None else bool(do_resize)
-    device, dtype = _input_placement(model, device)
     if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
         images = [images]
 
-    def processed_size(array: np.ndarray) -> tuple[int, int]:
-        return image_processor.processed_size(array.shape[:2], do_resize)
+    def input_size(array: np.ndarray) -> tuple[int, int]:
+        return backend_input_size(image_processor, array.shape[:2], do_resize, runner.input_size)
 
-    was_training = model.training
-    model.eval()
-    try:
-        arrays = (to_rgb_uint8(image) for image in images)
-        for batch in batches_of_equal_size(arrays, batch_size, processed_size):
-            yield from predict_batch(model, image_processor, batch, flip_tta, refine=refine, scorer=scorer,
-                                     device=device, dtype=dtype, do_resize=do_resize)
-    finally:
-        model.train(was_training)
+    arrays = (to_rgb_uint8(image) for image in images)
+    for batch in batches_of_equal_size(arrays, batch_size, input_size):
+        yield from predict_batch(runner, image_processor, batch, flip_tta, refine=refine, scorer=scorer,
+                                 do_resize=do_resize)
 
 
 def predict_anomaly(
-    model: torch.nn.Module,
-    image_processor: Mask2AnomalyImageProcessor,
+    model: torch.nn.Module | Backend | str | os.PathLike,
+    image_processor: Mask2AnomalyImageProcessor | None,
     images: ImageLike | Iterable[ImageLike],
     flip_tta: bool | None = None,
     refine: bool | None = None,
@@ -334,41 +421,54 @@ def predict_anomaly(
     batch_size: int = 1,
     device: str | torch.device | None = None,
     do_resize: bool | None = None,
+    backend: BackendName | None = None,
+    compile: bool = False,
 ) -> list[AnomalyPrediction]:
     """
-    Anomaly and semantic maps for images, in one call: pre-process, run `model` in eval mode without gradients,
+    Anomaly and semantic maps for images, in one call: pre-process, run the network (eval mode, no gradients),
     post-process, and with flip TTA (default `image_processor.flip_tta`) average with the horizontally flipped
     images' maps flipped back (official: `(a + fliplr(a_flip)) / 2`, refinement per view).
 
     Args:
-        model: a Mask2Anomaly/Mask2Former model returning `class_queries_logits` and `masks_queries_logits`, in any
-            floating dtype (`pixel_values` are cast to the dtype of its parameters; the maps are float32).
-        image_processor: the model's `Mask2AnomalyImageProcessor`.
+        model: what runs the network: a Mask2Anomaly/Mask2Former PyTorch model returning `class_queries_logits` and
+            `masks_queries_logits`, in any floating dtype (`pixel_values` are cast to the dtype of its parameters;
+            the maps are float32); a `backends.Backend` (e.g. `OnnxRuntimeBackend`, a compiled `TorchBackend`);
+            or a model folder / Hub id, loaded with `backends.load_backend(model, backend)` (an exported folder for
+            the onnxruntime/openvino backends).
+        image_processor: the model's `Mask2AnomalyImageProcessor` (None with a model folder: the folder's).
         images: one image or an iterable of images (PIL, arrays, tensors or file paths); read lazily, one batch at
             a time, so a generator of many images is fine (use `iter_predict_anomaly` to also get results lazily).
         flip_tta, refine, scorer: override the processor's settings.
         batch_size: at most this many images per forward pass. Only consecutive images of the same processed size
             share a pass (`batches_of_equal_size`): padding to a batch-mate's size would change what the model sees,
             so the results do not depend on `batch_size`.
-        device: where the inputs go (default: the model's device).
+        device: where the inputs go (default: the model's device; cpu for a model folder).
         do_resize: resize as the processor's `size` says (default: the processor's `do_resize`); False keeps each
             image's own size (still padded to a multiple of `size_divisor`). The processor is not changed.
+        backend: "torch", "onnxruntime" or "openvino" for a model folder (default torch); with a model object it
+            must name that object's kind.
+        compile: run a PyTorch model through `torch.compile` (torch backend only; compiled once per call, so to
+            predict in many calls build `TorchBackend(model, compile=True)` once and pass it).
 
     Returns:
         `list[AnomalyPrediction]`: per image, in input order, `anomaly_map` (H, W) float32 and `semantic_map` (H, W)
         from the un-flipped view, at the original size.
     """
     return list(iter_predict_anomaly(model, image_processor, images, flip_tta=flip_tta, refine=refine, scorer=scorer,
-                                     batch_size=batch_size, device=device, do_resize=do_resize))
+                                     batch_size=batch_size, device=device, do_resize=do_resize, backend=backend,
+                                     compile=compile))
 
 
 __all__ = [
     "AnomalyPrediction",
     "CPU_REDUCED_PRECISION_WARNING",
     "ModelNotFoundError",
+    "as_backend",
+    "backend_input_size",
     "batches_of_equal_size",
     "iter_predict_anomaly",
     "load_model_and_processor",
+    "load_processor",
     "predict_anomaly",
     "predict_batch",
     "predict_batch_scorers",

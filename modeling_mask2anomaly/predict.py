@@ -46,6 +46,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from .atomic_io import write_files_atomically
+from .backends import Backend, MissingExtraError, TorchBackend, check_backend_options, load_backend
 from .cli import DTYPE_NAMES, OUTPUT_FORMATS  # noqa: F401  (OUTPUT_FORMATS: part of this module's interface)
 from .cli import build_predict_parser as build_parser  # noqa: F401
 from .cli import predict_main as main  # noqa: F401  (`python -m modeling_mask2anomaly.predict`)
@@ -53,13 +54,14 @@ from .image_processing_mask2anomaly import IMAGE_EXTENSIONS, load_image
 from .inference import (
     AnomalyPrediction,
     ModelNotFoundError,
-    _input_placement,
+    backend_input_size,
     batches_of_equal_size,
     load_model_and_processor,
     predict_batch,
     resolve_device,
 )
 from .scorers import DEFAULT_SCORER, get_scorer
+from .sharding import current_process, launch, launched_world_size, shard
 from .visualize import anomaly_summary, default_score_range, render_heatmap, render_semantic
 
 OUTPUT_SUFFIXES: tuple[str, ...] = ("_anomaly.npy", "_heatmap.png", "_semantic.png")
@@ -251,15 +253,21 @@ def _read_images(paths: Sequence[Path], stems: Sequence[str], report: Callable[[
         yield _Loaded(path, stem, image)
 
 
-def run(args: argparse.Namespace) -> int:
-    """The command once its arguments are parsed (`cli.build_predict_parser`) and its threads set."""
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """The command once its arguments are parsed (`cli.build_predict_parser`) and its threads set; `argv` is the
+    command line, which `--num-processes` hands to its worker processes."""
     if args.batch_size < 1:
         print(f"mask2anomaly-predict: --batch-size must be at least 1; got {args.batch_size}", file=sys.stderr)
         return 2
     try:
+        world = launched_world_size()
+        if args.num_processes < 1 or (world > 1 and args.num_processes not in (1, world)):
+            raise ValueError(f"--num-processes must be at least 1 and, under a launcher, its number of processes "
+                             f"({world}); got {args.num_processes}")
         device = resolve_device(args.device)
         check_dtype_for_device(args.dtype, device)
-    except ValueError as err:
+        check_backend_options(args.backend, DTYPES[args.dtype], args.compile)
+    except (ValueError, MissingExtraError) as err:
         print(f"mask2anomaly-predict: {err}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir)
@@ -267,6 +275,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"mask2anomaly-predict: --output-dir {output_dir} is a file; expected a folder (or a new name)",
               file=sys.stderr)
         return 2
+    if args.num_processes > 1 and world == 1:
+        # the workers run this same command line; WORLD_SIZE tells each it is one of them
+        return launch("modeling_mask2anomaly.predict", sys.argv[1:] if argv is None else list(argv),
+                      args.num_processes)
+    try:
+        process = current_process()
+    except ValueError as err:
+        print(f"mask2anomaly-predict: {err}", file=sys.stderr)
+        return 2
+    if process.count > 1 and device.type == "cuda":
+        device = torch.device("cuda", process.local_index % torch.cuda.device_count())
     submission = None
     if args.format != "default":
         # benchmark submission layouts: the writers live with the evaluation code
@@ -281,23 +300,30 @@ def run(args: argparse.Namespace) -> int:
     if submission is not None:
         paths, skipped = submission.select(paths)
         problems += skipped
+    if not process.is_main:
+        problems = []  # every process finds the same; the first one reports and counts them
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not paths:
         print("mask2anomaly-predict: no input images", file=sys.stderr)
         return 1
+    # names are decided on the whole list, so that the processes write what one process would
+    stems = shard(output_stems(paths), process.index, process.count)
+    paths = shard(paths, process.index, process.count)
 
     # the model first, the output folder after: a model that does not load leaves nothing behind
     try:
-        model, processor = load_model_and_processor(args.model, device, DTYPES[args.dtype])
+        backend, processor = _load_backend(args, device)
     except ModelNotFoundError as err:
         print(f"mask2anomaly-predict: --model: {err}", file=sys.stderr)
+        return 2
+    except MissingExtraError as err:
+        print(f"mask2anomaly-predict: {err}", file=sys.stderr)
         return 2
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         reason = " ".join(str(err).split())[:400]
         print(f"mask2anomaly-predict: cannot load the model {args.model!r}: {reason}", file=sys.stderr)
         return 2
-    model.eval()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -308,10 +334,10 @@ def run(args: argparse.Namespace) -> int:
     refine = processor.refine and not args.no_refine
     scorer = args.anomaly_scorer or processor.anomaly_scorer
     threshold = processor.decision_threshold(scorer) if args.anomaly_threshold is None else args.anomaly_threshold
-    device, dtype = _input_placement(model, device)
 
     failures = len(problems)
-    progress = tqdm(total=len(paths), desc="mask2anomaly-predict", unit="image", file=sys.stderr)
+    progress = tqdm(total=len(paths), desc="mask2anomaly-predict", unit="image", file=sys.stderr,
+                    disable=not process.is_main)
 
     def report(path: Path, reason: str) -> None:
         nonlocal failures
@@ -321,16 +347,26 @@ def run(args: argparse.Namespace) -> int:
         tqdm.write(f"error: {message}", file=sys.stderr)
         progress.update(1)
 
-    def processed_size(item: _Loaded) -> tuple[int, int]:
-        return processor.processed_size(item.image.shape[:2], do_resize)
+    def input_size(item: _Loaded) -> tuple[int, int]:
+        return backend_input_size(processor, item.image.shape[:2], do_resize, backend.input_size)
+
+    def fitting(images: Iterator[_Loaded]) -> Iterator[_Loaded]:
+        """The images the backend can take; one that a fixed-size graph cannot is reported and skipped."""
+        for item in images:
+            try:
+                input_size(item)
+            except ValueError as err:
+                report(item.path, str(err))
+                continue
+            yield item
 
     # the one batching of the path, so that a failed pass is reported per file
-    images = _read_images(paths, output_stems(paths), report,
-                          check=lambda image: check_resizable(processor, image, do_resize))
-    for batch in batches_of_equal_size(images, args.batch_size, processed_size):
+    images = fitting(_read_images(paths, stems, report,
+                                  check=lambda image: check_resizable(processor, image, do_resize)))
+    for batch in batches_of_equal_size(images, args.batch_size, input_size):
         try:
-            predictions = predict_batch(model, processor, [item.image for item in batch], flip_tta, refine=refine,
-                                        scorer=scorer, device=device, dtype=dtype, do_resize=do_resize)
+            predictions = predict_batch(backend, processor, [item.image for item in batch], flip_tta,
+                                        refine=refine, scorer=scorer, do_resize=do_resize)
         except (RuntimeError, ValueError, MemoryError) as err:
             for item in batch:
                 report(item.path, f"prediction failed ({err})")
@@ -356,10 +392,22 @@ def run(args: argparse.Namespace) -> int:
     for warning in submission.warnings() if submission is not None else ():
         print(f"warning: {warning}", file=sys.stderr)
     if failures:
-        print(f"mask2anomaly-predict: {failures} input(s) failed; outputs of the others are in {output_dir}",
+        where = f" (process {process.index + 1} of {process.count})" if process.count > 1 else ""
+        print(f"mask2anomaly-predict: {failures} input(s) failed{where}; outputs of the others are in {output_dir}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _load_backend(args: argparse.Namespace, device: torch.device) -> tuple[Backend, Any]:
+    """The backend and processor the flags ask for (the torch backend through `load_model_and_processor`). The ONNX
+    runtimes keep their own thread pools: they get torch's thread count when OMP_NUM_THREADS sets it (as
+    `--num-processes` does per process), else their own default."""
+    if args.backend == "torch":
+        model, processor = load_model_and_processor(args.model, device, DTYPES[args.dtype])
+        return TorchBackend(model, device, compile=args.compile), processor
+    threads = torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else None
+    return load_backend(args.model, args.backend, device, num_threads=threads)
 
 
 if __name__ == "__main__":

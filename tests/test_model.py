@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from transformers import Mask2FormerForUniversalSegmentation
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, mask_contrastive_loss
+from modeling_mask2anomaly.deformable_attention import set_deformable_attention_backend
 from modeling_mask2anomaly.modeling_mask2anomaly import mask2former_config_from_mask2anomaly
 from modeling_mask2anomaly.modeling_mask2anomaly import (
     Mask2AnomalyMaskedAttentionDecoderLayer,
@@ -153,6 +154,8 @@ def test_gma_off_equals_stock_mask2former():
     ours = Mask2AnomalyForUniversalSegmentation(config).eval()
     ours.load_state_dict(stock.state_dict(), strict=True)
     x = torch.randn(2, 3, 64, 96)
+    # bit for bit with transformers' deformable attention; our faster default form agrees to float32 rounding
+    set_deformable_attention_backend(ours, "transformers")
     with torch.no_grad():
         a = stock(x, output_auxiliary_logits=True)
         b = ours(x, output_auxiliary_logits=True)
@@ -160,6 +163,11 @@ def test_gma_off_equals_stock_mask2former():
     assert torch.equal(a.masks_queries_logits, b.masks_queries_logits)
     for aux_a, aux_b in zip(a.auxiliary_logits, b.auxiliary_logits):
         assert torch.equal(aux_a["masks_queries_logits"], aux_b["masks_queries_logits"])
+    set_deformable_attention_backend(ours)
+    with torch.no_grad():
+        c = ours(x, output_auxiliary_logits=True)
+    torch.testing.assert_close(c.class_queries_logits, a.class_queries_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(c.masks_queries_logits, a.masks_queries_logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("which", ["tiny", "paper"])

@@ -16,7 +16,9 @@ softmax taken over all C+1 columns; higher = more anomalous) are registered in `
 
 Refinement (every scorer): queries with ``max softmax(class_q) > refine_score_threshold`` (no-object column
 included) whose argmax is in ``refine_class_ids`` are kept; if at least ``refine_min_queries`` (official: 2,
-i.e. "more than one") are kept, ``R(x) = max_kept score_q * sigmoid(m_q(x))`` and ``a(x) *= (R(x) < 0.5)``.
+i.e. "more than one") are kept, ``R(x) = max_kept score_q * sigmoid(m_q(x))`` and ``a(x) = refined_score`` where
+``R(x) >= 0.5``: the official ``a(x) *= (R(x) < 0.5)`` for the bounded scorers (refined_score 0), the low end of
+the colour scale for rba, max_logit and energy, for which 0 is the most anomalous value or mid-scale (scorers.py).
 
 The processor never runs a model: batching, flip TTA and the forward pass are in ``inference.py``.
 
@@ -74,8 +76,9 @@ class Mask2AnomalyImageProcessorKwargs(Mask2FormerImageProcessorKwargs, total=Fa
         Refinement applies only when at least this many queries are kept (official: more than one).
     anomaly_scorer (`str`, *optional*, defaults to `"mask2anomaly"`):
         Per-pixel anomaly score, one of `ANOMALY_SCORERS`.
-    anomaly_threshold (`float`, *optional*, defaults to 0.5):
-        Decision threshold on the anomaly score when a binary mask is needed.
+    anomaly_threshold (`float`, *optional*, defaults to the scorer's `default_threshold`):
+        Decision threshold on the `anomaly_scorer`'s score when a binary mask is needed (0.5 for the scorers on
+        [0, 1]; see `scorers.py` for the others).
     flip_tta (`bool`, *optional*, defaults to `True`):
         Horizontal-flip test-time augmentation (run by `inference.predict_anomaly` and the pipelines).
     """
@@ -482,6 +485,17 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
         super().__init__(**kwargs)
         self.refine_class_ids = [int(i) for i in self.refine_class_ids]
         self._check_postprocess_settings(self.anomaly_scorer, self.refine_min_queries)
+        if kwargs.get("anomaly_threshold") is None:
+            # no threshold given: the scorer's own (0.5 suits only the scorers on [0, 1])
+            self.anomaly_threshold = get_scorer(self.anomaly_scorer).default_threshold
+
+    def decision_threshold(self, scorer: str | None = None) -> float:
+        """The anomaly decision threshold for `scorer` (default: `anomaly_scorer`): `anomaly_threshold` for the
+        processor's own scorer, the registry's `default_threshold` for another one (whose scores live on another
+        scale)."""
+        if scorer is None or scorer == self.anomaly_scorer:
+            return float(self.anomaly_threshold)
+        return float(get_scorer(scorer, "scorer").default_threshold)
 
     @staticmethod
     def _check_postprocess_settings(scorer: str, refine_min_queries: int) -> None:
@@ -819,8 +833,9 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
                     eam_sum = sig_channels[num_classes] if score_with.needs_eam else None
                     score = score_with.function(class_scores, eam_sum, logit_channels)
                     if refine_channels is not None:
-                        # official: a * (1 - [R >= 0.5]); filling in place avoids a bool -> float conversion
-                        score.masked_fill_(refine_channels.max(dim=0).values >= 0.5, 0.0)
+                        # official: a * (1 - [R >= 0.5]) (refined_score 0); filling in place avoids a bool -> float
+                        # conversion
+                        score.masked_fill_(refine_channels.max(dim=0).values >= 0.5, score_with.refined_score)
                     anomaly[y0:y1] = score
                 results.append({"anomaly_map": anomaly, "semantic_map": semantic, "class_scores": class_map,
                                 "class_confidence": confidence})

@@ -53,8 +53,8 @@ _INFERNO_STOPS: tuple[tuple[int, int, int], ...] = (
     (252, 255, 164),
 )
 
-# Scorers with a fixed range (the registry's `display_range`): their heatmaps use it so that colours mean the same
-# in every image. The others (rba, max_logit, energy) are unbounded and get the image's own range.
+# Scorers with a fixed score range; every scorer (these and the unbounded rba, max_logit, energy) has a fixed colour
+# scale, the registry's `display_range`.
 BOUNDED_SCORERS: tuple[str, ...] = tuple(name for name, scorer in SCORERS.items() if scorer.bounded)
 
 # Rows of the output picture drawn per block (bounded memory on huge images).
@@ -95,13 +95,10 @@ def anomaly_summary(anomaly_map: np.ndarray, threshold: float) -> dict[str, floa
 
 
 def default_score_range(anomaly_map: np.ndarray, scorer: str) -> tuple[float, float]:
-    """(vmin, vmax) of the colour scale: the scorer's `display_range` for the bounded scorers ([0, 1]), the map's
-    own range for the others."""
-    display = get_scorer(scorer, "scorer").display_range
-    if display is not None:
-        return float(display[0]), float(display[1])
-    low, high = float(np.min(anomaly_map)), float(np.max(anomaly_map))
-    return (low, high) if high > low else (low, low + 1.0)
+    """(vmin, vmax) of the colour scale of `scorer`'s heatmaps: its registered `display_range`, the same for every
+    image (so that a normal image does not look anomalous; `anomaly_map` is not read, values outside are drawn in
+    the end colours)."""
+    return get_scorer(scorer, "scorer").display_range
 
 
 def _scale(scores: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -118,26 +115,55 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _tick_label(value: float) -> str:
-    return f"{value:.2f}" if abs(value) < 100 else f"{value:.3g}"
+def _tick_label(value: float, span: float) -> str:
+    if abs(value) >= 100:
+        return f"{value:.3g}"
+    return f"{value:.2f}" if span <= 2 else f"{value:.1f}"
+
+
+# Legibility at any input size: pictures are enlarged (nearest, integer factor) to at least MIN_PICTURE_HEIGHT
+# rows, so that the side panel (colour bar or legend) always fits beside the picture, never below it; labels are
+# LABEL_HEIGHT_FRACTION of the picture's height, at least MIN_FONT_SIZE pixels, so that they stay readable when
+# a large picture is shown shrunk to a screen.
+MIN_PICTURE_HEIGHT = 160
+MIN_FONT_SIZE = 14
+LABEL_HEIGHT_FRACTION = 1 / 24
+_MAX_FACTOR = 16
+
+
+def display_factor(height: int, width: int, min_display_size: int = 256) -> int:
+    """The integer enlargement of an (height, width) picture: its longer side reaches `min_display_size` and its
+    height `MIN_PICTURE_HEIGHT` (at most 16x; a picture still shorter gets a smaller font, never a taller canvas)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"Expected a picture of at least 1 x 1 pixels; got {height} x {width}")
+    factor = max(math.ceil(min_display_size / max(height, width)), math.ceil(MIN_PICTURE_HEIGHT / height), 1)
+    return min(factor, _MAX_FACTOR)
+
+
+def label_font_size(picture_height: int) -> int:
+    """Font size of the side panel's labels for a picture `picture_height` rows tall (after enlargement)."""
+    size = max(MIN_FONT_SIZE, round(picture_height * LABEL_HEIGHT_FRACTION))
+    return max(4, min(size, picture_height // 6))  # only a picture under 84 rows (a 16x-enlarged sliver) goes below
 
 
 def _colour_bar(height: int, vmin: float, vmax: float, threshold: float | None, lut: np.ndarray) -> Image.Image:
     """A white panel `height` tall with a vertical colour bar (high at the top), tick labels and a threshold mark."""
-    font_size = int(min(max(10, height // 40), 48))
+    font_size = label_font_size(height)
     margin = max(4, font_size // 2)
     bar_width = max(8, font_size)
     font = _font(font_size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    ticks = np.linspace(vmin, vmax, 5)
-    labels = [_tick_label(v) for v in ticks]
-    label_width = max(int(math.ceil(probe.textlength(text, font=font))) for text in labels)
-    width = margin + bar_width + margin // 2 + font_size // 2 + label_width + margin
-    panel = Image.new("RGB", (width, height), (255, 255, 255))
     top, bottom = margin + font_size // 2, height - margin - font_size // 2
-    if bottom - top < 2:
-        return panel  # too small for a bar; the caller makes the canvas tall enough for real use
-    rows = np.linspace(1.0, 0.0, bottom - top)  # top of the bar = highest score
+    bar_length = max(bottom - top, 2)
+    # 5 ticks where their labels fit one above the other, fewer on a short bar
+    num_ticks = int(min(5, max(2, bar_length // (1.4 * font_size) + 1)))
+    ticks = np.linspace(vmin, vmax, num_ticks)
+    labels = [_tick_label(v, vmax - vmin) for v in ticks]
+    label_width = max(int(math.ceil(probe.textlength(text, font=font))) for text in labels)
+    tick_length = max(3, font_size // 2)
+    width = margin + bar_width + tick_length + margin // 2 + label_width + margin
+    panel = Image.new("RGB", (width, height), (255, 255, 255))
+    rows = np.linspace(1.0, 0.0, bar_length)  # top of the bar = highest score
     strip = lut[np.clip(np.round(rows * (len(lut) - 1)), 0, len(lut) - 1).astype(np.int64)]
     panel.paste(Image.fromarray(np.repeat(strip[:, None, :], bar_width, axis=1)), (margin, top))
     draw = ImageDraw.Draw(panel)
@@ -145,18 +171,27 @@ def _colour_bar(height: int, vmin: float, vmax: float, threshold: float | None, 
     span = max(vmax - vmin, 1e-12)
 
     def y_of(value: float) -> int:
-        return int(round(top + (1.0 - (value - vmin) / span) * (bottom - top - 1)))
+        return int(round(top + (1.0 - (value - vmin) / span) * (bar_length - 1)))
 
+    line_width = max(1, font_size // 10)
     for value, text in zip(ticks, labels):
         y = y_of(value)
-        draw.line([(x_bar_end, y), (x_bar_end + font_size // 2, y)], fill=(0, 0, 0), width=1)
-        draw.text((x_bar_end + margin // 2 + font_size // 2, y), text, fill=(0, 0, 0), font=font, anchor="lm")
+        draw.line([(x_bar_end, y), (x_bar_end + tick_length, y)], fill=(0, 0, 0), width=line_width)
+        draw.text((x_bar_end + tick_length + margin // 2, y), text, fill=(0, 0, 0), font=font, anchor="lm")
     if threshold is not None and vmin <= threshold <= vmax:
         # the decision threshold as a cyan line across the bar: it stands out against every inferno colour
         y = y_of(threshold)
-        draw.line([(margin - 2, y), (x_bar_end + 1, y)], fill=(0, 255, 255), width=max(1, font_size // 8))
-    draw.rectangle([margin - 1, top - 1, x_bar_end, bottom], outline=(0, 0, 0))
+        draw.line([(margin - 2, y), (x_bar_end + 1, y)], fill=(0, 255, 255), width=max(2, font_size // 6))
+    draw.rectangle([margin - 1, top - 1, x_bar_end, top + bar_length], outline=(0, 0, 0), width=line_width)
     return panel
+
+
+def _beside(picture: np.ndarray, panel: Image.Image) -> Image.Image:
+    """The (H, W, 3) picture with the panel (H rows tall) to its right."""
+    canvas = Image.new("RGB", (picture.shape[1] + panel.width, picture.shape[0]), (255, 255, 255))
+    canvas.paste(Image.fromarray(picture), (0, 0))
+    canvas.paste(panel, (picture.shape[1], 0))
+    return canvas
 
 
 def render_heatmap(
@@ -179,12 +214,14 @@ def render_heatmap(
         threshold: decision threshold, marked on the colour bar when given.
         alpha_range: opacity of the colour at the lowest and highest scores: low scores let the scene show through,
             high ones cover it.
-        min_display_size: images whose longer side is smaller are enlarged (nearest, integer factor) so that a
-            tiny image still gives a readable picture; the .npy outputs keep the original size.
+        min_display_size: small images are enlarged (nearest, integer factor k, `display_factor`) until their
+            longer side reaches it and their height `MIN_PICTURE_HEIGHT`, so that a tiny image still gives a
+            readable picture with the bar beside it; the .npy outputs keep the original size.
         lut: (N, 3) uint8 colour map, low to high.
 
     Returns:
-        An RGB PIL image: the overlay (H*k, W*k) on the left, the colour-bar panel on the right.
+        An RGB PIL image exactly H*k rows tall: the overlay (H*k, W*k) on the left, the colour-bar panel on the
+        right, its labels `label_font_size(H*k)` pixels tall.
     """
     rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     scores = np.asarray(anomaly_map)
@@ -195,7 +232,7 @@ def render_heatmap(
     if not vmax > vmin:
         raise ValueError(f"Expected vmin < vmax; got vmin={vmin}, vmax={vmax}")
     height, width = scores.shape
-    factor = max(1, math.ceil(min_display_size / max(height, width)))
+    factor = display_factor(height, width, min_display_size)
     low_alpha, high_alpha = alpha_range
     alphas = np.linspace(low_alpha, high_alpha, len(lut), dtype=np.float32)[:, None]
     overlay = np.empty((height * factor, width * factor, 3), dtype=np.uint8)
@@ -209,13 +246,7 @@ def render_heatmap(
         if factor > 1:
             block = block.repeat(factor, axis=0).repeat(factor, axis=1)
         overlay[y0 * factor:y1 * factor] = block
-    # the colour bar needs some height for its labels; short panoramas get a taller canvas, filled white
-    canvas_height = max(overlay.shape[0], 160)
-    panel = _colour_bar(canvas_height, vmin, vmax, threshold, lut)
-    canvas = Image.new("RGB", (overlay.shape[1] + panel.width, canvas_height), (255, 255, 255))
-    canvas.paste(Image.fromarray(overlay), (0, 0))
-    canvas.paste(panel, (overlay.shape[1], 0))
-    return canvas
+    return _beside(overlay, _colour_bar(overlay.shape[0], vmin, vmax, threshold, lut))
 
 
 def palette_bytes(num_classes: int = len(CITYSCAPES_PALETTE)) -> list[int]:
@@ -243,6 +274,63 @@ def render_semantic(semantic_map: np.ndarray) -> Image.Image:
     return picture
 
 
+def _legend(height: int, entries: Sequence[tuple[tuple[int, int, int], str]]) -> Image.Image:
+    """A white panel `height` tall listing (colour swatch, text) rows; rows that do not fit become "+N more"."""
+    font_size = label_font_size(height)
+    margin = max(4, font_size // 2)
+    row_height = int(round(1.5 * font_size))
+    capacity = max(1, (height - 2 * margin) // row_height)
+    if len(entries) > capacity:
+        hidden = len(entries) - (capacity - 1)
+        entries = [*entries[:capacity - 1], ((255, 255, 255), f"+{hidden} more")]
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    swatch = font_size
+    text_width = max((int(math.ceil(probe.textlength(text, font=font))) for _, text in entries), default=0)
+    panel = Image.new("RGB", (margin + swatch + margin // 2 + text_width + margin, height), (255, 255, 255))
+    draw = ImageDraw.Draw(panel)
+    for row, (colour, text) in enumerate(entries):
+        y = margin + row * row_height + row_height // 2
+        draw.rectangle([margin, y - swatch // 2, margin + swatch - 1, y - swatch // 2 + swatch - 1], fill=colour,
+                       outline=(0, 0, 0) if text[0] != "+" else (255, 255, 255))
+        draw.text((margin + swatch + margin // 2, y), text, fill=(0, 0, 0), font=font, anchor="lm")
+    return panel
+
+
+def render_semantic_legend(
+    semantic_map: np.ndarray,
+    id2label: dict[int, str] | Sequence[str],
+    min_display_size: int = 256,
+) -> Image.Image:
+    """
+    The semantic map in the Cityscapes colours with a legend of the classes it shows, largest first.
+
+    Args:
+        semantic_map: (H, W) class ids (0..254; 255 = void).
+        id2label: class names by id (a model config's `id2label`, or a sequence).
+        min_display_size: as in `render_heatmap`: the same input size gives a picture of the same height.
+
+    Returns:
+        An RGB PIL image H*k rows tall (k = `display_factor`): the palette picture, then one legend row per class
+        present (colour swatch, name, share of the pixels).
+    """
+    labels = np.asarray(semantic_map)
+    picture = np.asarray(render_semantic(labels).convert("RGB"))
+    factor = display_factor(*labels.shape, min_display_size)
+    if factor > 1:
+        picture = picture.repeat(factor, axis=0).repeat(factor, axis=1)
+    names = dict(enumerate(id2label)) if not isinstance(id2label, dict) else {int(k): v for k, v in id2label.items()}
+    palette = palette_bytes()
+    ids, counts = np.unique(labels, return_counts=True)
+    entries = []
+    for index in np.argsort(-counts, kind="stable"):
+        class_id = int(ids[index])
+        colour = tuple(palette[3 * class_id:3 * class_id + 3])
+        name = "void" if class_id == 255 else names.get(class_id, str(class_id))
+        entries.append((colour, f"{name} {100 * counts[index] / labels.size:.0f}%"))
+    return _beside(picture, _legend(picture.shape[0], entries))
+
+
 __all__ = [
     "BOUNDED_SCORERS",
     "CITYSCAPES_PALETTE",
@@ -251,7 +339,10 @@ __all__ = [
     "anomaly_summary",
     "colormap_lut",
     "default_score_range",
+    "display_factor",
+    "label_font_size",
     "palette_bytes",
     "render_heatmap",
     "render_semantic",
+    "render_semantic_legend",
 ]

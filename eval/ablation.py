@@ -14,7 +14,11 @@ GMA run), the SynthRoad test splits are generated with ``mask2anomaly-synthroad`
 
     python -m mask2anomaly_eval.ablation --config synthroad --output-dir outputs/ablation
 
-Existing run folders are reused (``--gma-stage1``/``--nogma-stage1``/``--gma-stage2`` point at other ones).
+Existing run folders are reused (``--gma-stage1``/``--nogma-stage1``/``--gma-stage2`` point at other ones). Before
+anything is evaluated, each run's own record is checked against what its rows claim (`check_runs`): the run of
+row A must have global masked attention off in its config.json, the others on; rows A and B must come from a
+stage-1 run and C-E from a stage-2 run (``stage`` in its training_config.yaml). A mismatch is refused with one
+line naming the folder, the setting found and the one expected, so that no table mislabels a run.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("E. + flip test-time augmentation", "gma_stage2", ()),
 )
 SPLITS = ("anomaly", "obstacle")
+
+# What each run of ROWS must be: (global masked attention, training stage).
+RUN_REQUIREMENTS: dict[str, tuple[bool, int]] = {
+    "nogma_stage1": (False, 1),
+    "gma_stage1": (True, 1),
+    "gma_stage2": (True, 2),
+}
 
 
 def _run(command: list[str]) -> None:
@@ -55,6 +66,40 @@ def train_missing(config: str, runs: dict[str, Path]) -> None:
     for key, args in jobs:
         if not (runs[key] / "config.json").exists():
             _run([_bin("mask2anomaly-train"), "--config", config, "--output-dir", str(runs[key]), *args])
+
+
+def check_run(key: str, folder: Path) -> None:
+    """Refuse (ValueError, one line) a run folder whose config.json / training_config.yaml do not match `key`'s
+    requirement in `RUN_REQUIREMENTS`: the GMA setting and the training stage its rows are labelled with."""
+    import yaml  # only here: the driver's --help needs nothing heavy
+
+    gma, stage = RUN_REQUIREMENTS[key]
+    rows = ", ".join(name.split(".")[0] for name, run, _ in ROWS if run == key)
+    config_path, record_path = folder / "config.json", folder / "training_config.yaml"
+    for path in (config_path, record_path):
+        if not path.is_file():
+            raise ValueError(f"{path} not found: cannot check that the run for row(s) {rows} has "
+                             f"global_masked_attention={str(gma).lower()} and stage {stage}")
+    try:
+        config = json.loads(config_path.read_text())
+        record = yaml.safe_load(record_path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read the run record of row(s) {rows} in {folder}: {err}") from err
+    found_gma = config.get("global_masked_attention") if isinstance(config, dict) else None
+    if found_gma is not gma:
+        raise ValueError(f"{config_path}: global_masked_attention={json.dumps(found_gma)}, but row(s) {rows} need "
+                         f"a run with global_masked_attention={str(gma).lower()}")
+    found_stage = record.get("stage") if isinstance(record, dict) else None
+    if found_stage != stage:
+        raise ValueError(f"{record_path}: stage {found_stage!r}, but row(s) {rows} need a stage-{stage} run")
+
+
+def check_runs(runs: dict[str, Path], existing_only: bool = False) -> None:
+    """`check_run` for every run of the table (with `existing_only`, for those already trained: a run given by a
+    flag is checked before hours go into training the others)."""
+    for key in RUN_REQUIREMENTS:
+        if not existing_only or (runs[key] / "config.json").exists():
+            check_run(key, runs[key])
 
 
 def make_test_splits(data_dir: Path, num: int, seed: int) -> dict[str, Path]:
@@ -111,7 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         "nogma_stage1": args.nogma_stage1 or out / "nogma-stage1",
         "gma_stage2": args.gma_stage2 or out / "gma-stage2",
     }
-    train_missing(args.config, runs)
+    try:
+        check_runs(runs, existing_only=True)
+        train_missing(args.config, runs)
+        check_runs(runs)
+    except ValueError as err:
+        print(f"ablation: {err}", file=sys.stderr)
+        return 2
     splits = make_test_splits(out / "data", args.num_test_images, args.test_seed)
     rows = evaluate_rows(runs, splits, out / "results")
     table = markdown_table(rows)

@@ -290,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for scorer, result in results.items():
             stem = f"{args.benchmark}-{scorer}" if all_scorers else args.benchmark
             title = f"{BENCHMARKS[args.benchmark].title}, {scorer}"
-            _, files_markdown = write_figures(result, output_dir, stem, title, scorer, processor.anomaly_threshold)
+            _, files_markdown = write_figures(result, output_dir, stem, title, scorer,
+                                             processor.decision_threshold(scorer))
             record = {"model": args.model, "benchmark": args.benchmark,
                       "benchmark_name": BENCHMARKS[args.benchmark].title,
                       "data_dir": os.path.abspath(args.data_dir), "mode": args.mode,

@@ -202,7 +202,8 @@ def model_facts(model_dir: str | os.PathLike) -> dict[str, Any]:
         "anomaly_scorer": processor.get("anomaly_scorer", config.get("anomaly_scorer", "mask2anomaly")),
         "refine": processor.get("refine", config.get("refine", True)),
         "flip_tta": processor.get("flip_tta", config.get("flip_tta", True)),
-        "anomaly_threshold": config.get("anomaly_threshold", 0.5),
+        # the processor owns the threshold (config.json's is a legacy copy); its default is the scorer's
+        "anomaly_threshold": processor.get("anomaly_threshold", config.get("anomaly_threshold", 0.5)),
         "preprocessing": f"RGB, ImageNet mean/std, {resize}, padded to a multiple of "
                          f"{processor.get('size_divisor', 32)}",
     }
@@ -226,19 +227,65 @@ def _scalar(value: Any) -> str:
     return str(value)
 
 
+def _data_text(spec: Any) -> str:
+    """A data source of the training config in words, e.g. "2000 SynthRoad scenes (split train, seed 0)"."""
+    if not isinstance(spec, Mapping):
+        return _scalar(spec)
+    source = str(spec.get("source", "?"))
+    name = {"synthroad": "SynthRoad scenes", "cityscapes": "Cityscapes images", "coco": "COCO objects"}.get(
+        source, f"{source} images")
+    details = ", ".join(f"{key} {_scalar(spec[key])}" for key in ("split", "root", "seed") if spec.get(key) is not None)
+    count = f"{spec['num']} " if spec.get("num") is not None else ""
+    return f"{count}{name}" + (f" ({details})" if details else "")
+
+
+def training_summary(training_config: Mapping[str, Any]) -> str:
+    """One paragraph saying how the recorded run trained, from its own record (stage, steps actually run, batch,
+    learning rate, data); never the official recipe, which a run with other data or steps does not follow."""
+    stage = training_config.get("stage")
+    config = training_config.get("config") or {}
+    settings = config.get(f"stage{stage}") if stage is not None else None
+    settings = settings if isinstance(settings, Mapping) else {}
+    data = config.get("data") or {}
+    steps = training_config.get("max_steps", settings.get("max_steps"))
+    parts = [f"Stage {stage} ({'outlier exposure' if stage == 2 else 'closed set'}):" if stage else "A run:"]
+    if steps is not None:
+        batch = settings.get("batch_size")
+        parts.append(f"{steps} optimizer steps" + (f" of {batch} images" if batch else ""))
+    if "train" in data:
+        parts.append(f"on {_data_text(data['train'])}")
+    sentence = " ".join(parts)
+    extras = []
+    if settings.get("learning_rate") is not None:
+        extras.append(f"AdamW lr {_scalar(settings['learning_rate'])}")
+    if settings.get("freeze_backbone"):
+        extras.append("backbone frozen")
+    if settings.get("outlier_exposure") and "outliers" in data:
+        probability = data.get("outlier_probability")
+        extras.append(f"outliers pasted from {_data_text(data['outliers'])}"
+                      + (f" with probability {_scalar(probability)}" if probability is not None else ""))
+    if training_config.get("init_from"):
+        extras.append(f"initialised from `{training_config['init_from']}`")
+    return sentence + (", " + ", ".join(extras) if extras else "") + "."
+
+
 def training_section(training_config: Mapping[str, Any] | None) -> str:
-    """Markdown of the training run recorded by `mask2anomaly-train` (``training_config.yaml``), or the recipe."""
+    """Markdown of the training run recorded by `mask2anomaly-train` (``training_config.yaml``): the command, a
+    summary and the settings of the run itself; the official recipe only for a folder without a record (a
+    converted official checkpoint)."""
     if not training_config:
         return ("This folder does not record how it was trained (no `training_config.yaml`). " + OFFICIAL_RECIPE)
     lines = []
     if training_config.get("command"):
         lines += ["```bash", _scalar(training_config["command"]), "```", ""]
+    lines += [training_summary(training_config), ""]
     stage = training_config.get("stage")
     config = training_config.get("config") or {}
-    facts = [("stage", stage), ("steps", training_config.get("max_steps")),
+    settings = config.get(f"stage{stage}") if stage is not None else None
+    # the steps the run made (the record's max_steps, which --max-steps may have set), not the config's default
+    facts = [("stage", stage), ("max_steps", training_config.get("max_steps")),
              ("initialised from", training_config.get("init_from")),
              ("processes", training_config.get("num_processes"))]
-    settings = config.get(f"stage{stage}") if stage is not None else None
     data = config.get("data") or {}
     for key in ("train", "outliers"):
         if key in data:
@@ -247,10 +294,11 @@ def training_section(training_config: Mapping[str, Any] | None) -> str:
         if key in data:
             facts.append((key.replace("_", " "), data[key]))
     if isinstance(settings, Mapping):
-        facts += list(settings.items())
+        facts += [(name, value) for name, value in settings.items()
+                  if name != "max_steps" or training_config.get("max_steps") is None]
     lines += ["| setting | value |", "|---|---|"]
     lines += [f"| {name} | `{_scalar(value)}` |" for name, value in facts if value is not None]
-    lines += ["", "The full resolved configuration is in `training_config.yaml`. " + OFFICIAL_RECIPE]
+    lines += ["", "The full resolved configuration is in `training_config.yaml`."]
     return "\n".join(lines)
 
 
@@ -355,5 +403,6 @@ __all__ = [
     "model_facts",
     "render_model_card",
     "training_section",
+    "training_summary",
     "write_model_card",
 ]

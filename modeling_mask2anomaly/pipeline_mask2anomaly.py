@@ -124,7 +124,8 @@ class Mask2AnomalySegmentationPipeline(Pipeline):
     Call with one image (path, URL, base64 string, bytes, PIL image or array) or a list of them. Parameters (each
     defaults to the image processor's setting of the same name, from preprocessor_config.json):
 
-    - ``anomaly_threshold`` (`float`; alias ``threshold``): anomaly decision threshold.
+    - ``anomaly_threshold`` (`float`; alias ``threshold``): anomaly decision threshold (default: the processor's
+      for its own scorer, the scorer's `default_threshold` for another one).
     - ``flip_tta`` (`bool`): average with the horizontally flipped image's map.
     - ``refine`` (`bool`): mask refinement by confident "stuff" queries.
     - ``anomaly_scorer`` (`str`; alias ``scorer``): one of the registered scorers (``scorers.ANOMALY_SCORERS``).
@@ -212,7 +213,7 @@ class Mask2AnomalySegmentationPipeline(Pipeline):
         refine: bool | None = None,
         scorer: str | None = None,
     ) -> list[dict[str, Any]]:
-        threshold = self.image_processor.anomaly_threshold if threshold is None else float(threshold)
+        threshold = self.image_processor.decision_threshold(scorer) if threshold is None else float(threshold)
         maps = self._maps(model_outputs, refine, scorer)
         return segments_from_maps(maps["anomaly_map"], maps["semantic_map"], maps["class_confidence"],
                                   self.model.config.id2label, threshold)
@@ -241,8 +242,8 @@ class Mask2AnomalyMapPipeline(Mask2AnomalySegmentationPipeline):
         scorer: str | None = None,
         render: bool = False,
     ) -> dict[str, Any]:
-        threshold = self.image_processor.anomaly_threshold if threshold is None else float(threshold)
         scorer = self.image_processor.anomaly_scorer if scorer is None else scorer
+        threshold = self.image_processor.decision_threshold(scorer) if threshold is None else float(threshold)
         maps = self._maps(model_outputs, refine, scorer)
         anomaly, semantic = maps["anomaly_map"], maps["semantic_map"]
         if semantic.size == 0 or semantic.max() <= 255:

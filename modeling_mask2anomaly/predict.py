@@ -49,7 +49,7 @@ from .inference import (
     predict_batch,
     resolve_device,
 )
-from .scorers import ANOMALY_SCORERS
+from .scorers import ANOMALY_SCORERS, DEFAULT_SCORER, SCORERS, get_scorer
 from .visualize import anomaly_summary, default_score_range, render_heatmap, render_semantic
 
 OUTPUT_SUFFIXES: tuple[str, ...] = ("_anomaly.npy", "_heatmap.png", "_semantic.png")
@@ -148,11 +148,11 @@ def write_outputs(
     return targets
 
 
-def summary_line(name: str, anomaly_map: np.ndarray, threshold: float) -> str:
-    """One line per image: size, max score and the share of pixels above the threshold."""
+def summary_line(name: str, anomaly_map: np.ndarray, threshold: float, scorer: str = DEFAULT_SCORER) -> str:
+    """One line per image: size, max score on the scorer's scale and the share of pixels above the threshold."""
     summary = anomaly_summary(anomaly_map, threshold)
     height, width = anomaly_map.shape
-    return (f"{name}: {width}x{height}, max score {summary['max_score']:.3f}, "
+    return (f"{name}: {width}x{height}, max score {summary['max_score']:.3f} ({get_scorer(scorer).scale}), "
             f"anomalous area {100 * summary['anomalous_fraction']:.2f}% (score > {threshold:g})")
 
 
@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--anomaly-threshold", "--threshold", dest="anomaly_threshold", type=float, default=None,
                         metavar="VALUE",
                         help="anomaly decision threshold for the summary and the colour bar mark "
-                             "(default: the processor's anomaly_threshold)")
+                             "(default: the processor's anomaly_threshold for its own scorer, the scorer's default "
+                             "for another one: " + ", ".join(f"{name} {scorer.default_threshold:g}"
+                                                            for name, scorer in SCORERS.items()) + ")")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="default",
                         help="default: .npy + heatmap + semantic PNG per image; smiyc: the SegmentMeIfYouCan kit's "
                              "<output-dir>/anomaly_p/<method>/<dataset>/<frame>.hdf5; fishyscapes: "
@@ -271,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flip_tta = processor.flip_tta and not args.no_flip
     refine = processor.refine and not args.no_refine
     scorer = args.anomaly_scorer or processor.anomaly_scorer
-    threshold = processor.anomaly_threshold if args.anomaly_threshold is None else args.anomaly_threshold
+    threshold = processor.decision_threshold(scorer) if args.anomaly_threshold is None else args.anomaly_threshold
     device, dtype = _input_placement(model, device)
 
     failures = len(problems)
@@ -307,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (OSError, ValueError) as err:
                 report(item.path, f"could not write its outputs to {output_dir} ({err})")
                 continue
-            tqdm.write(summary_line(os.fspath(item.path), prediction.anomaly_map, threshold))
+            tqdm.write(summary_line(os.fspath(item.path), prediction.anomaly_map, threshold, scorer))
             progress.update(1)
         del predictions, batch
     progress.close()

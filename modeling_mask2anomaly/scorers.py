@@ -8,9 +8,17 @@ Each scorer turns the channels that the image processor renders for a block of o
 - ``class_logits`` L (C, n, W): ``L_c(x) = sum_q softmax(class_q)[c] * m_q(x)`` over the upsampled mask *logits*
   (rendered when `needs_logits`).
 
-`bounded` scorers live on a fixed `score_range` (up to the odd value just outside it, e.g. 1 - max_c S_c < 0),
-so their heatmaps use that range as their colour scale (`display_range`); unbounded ones get each image's own
-range. `default_threshold` is the scorer's decision threshold when none is set.
+`bounded` scorers live on a fixed `score_range` (up to the odd value just outside it, e.g. 1 - max_c S_c < 0);
+unbounded ones (rba <= 0, max_logit and energy, whose logits reach +-15 and more) declare a fixed `display`
+range around their threshold instead. Either is the scorer's `display_range`, the colour scale of every heatmap
+(values outside are drawn in the end colours), so that a colour means the same score in every image and a
+normal image does not look anomalous. `default_threshold` is the scorer's decision threshold when none is set,
+each the same rule in the scorer's units: a pixel is anomalous when no class claims it, i.e. max_c S_c < 0.5
+(mask2anomaly, eam, msp: score > 0.5; rba: sum_c tanh(S_c) < 0.5, score > -0.5) or no class's mask logit is
+positive (max_logit: score > 0; energy: score > -3, about -log 19, the energy of 19 classes with logits 0).
+`refined_score` is what refinement writes where a confident "stuff" mask covers a pixel: the "explained" end of
+the scale (0 for the bounded scorers, as officially; rba's and the logit scorers' display minimum, since 0 would be
+their most anomalous value or the middle of their scale).
 
 This file travels to the Hub as remote code: it imports only the standard library and torch.
 """
@@ -37,15 +45,33 @@ class Scorer:
     needs_logits: bool = False
     score_range: tuple[float, float] | None = None  # None: unbounded
     default_threshold: float = 0.5
+    display: tuple[float, float] | None = None  # colour scale of an unbounded scorer
+    refined_score: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.score_range is None and self.display is None:
+            raise ValueError(f"scorer {self.name!r} is unbounded: give it a display range")
+        low, high = self.display_range
+        if not low <= self.refined_score <= self.default_threshold < high:
+            raise ValueError(f"scorer {self.name!r}: expected display low {low} <= refined_score "
+                             f"{self.refined_score} <= default_threshold {self.default_threshold} < high {high}")
 
     @property
     def bounded(self) -> bool:
         return self.score_range is not None
 
     @property
-    def display_range(self) -> tuple[float, float] | None:
-        """Fixed (vmin, vmax) of heatmaps, so that colours mean the same in every image; None: the image's range."""
-        return self.score_range
+    def display_range(self) -> tuple[float, float]:
+        """Fixed (vmin, vmax) of heatmaps, so that colours mean the same in every image: the score range of a
+        bounded scorer, the declared `display` range of an unbounded one."""
+        low, high = self.score_range or self.display
+        return float(low), float(high)
+
+    @property
+    def scale(self) -> str:
+        """How summaries name the scale, e.g. ``"rba score, colour scale -1 .. 0"``."""
+        low, high = self.display_range
+        return f"{self.name} score, colour scale {low:g} .. {high:g}"
 
 
 def _mask2anomaly(class_scores: torch.Tensor, eam_sum: torch.Tensor | None,
@@ -82,12 +108,15 @@ SCORERS: dict[str, Scorer] = {
     for scorer in (
         Scorer("mask2anomaly", _mask2anomaly, "1 - max_c S_c(x) (the paper's and the official code's score)",
                score_range=(0.0, 1.0)),
-        Scorer("rba", _rba, "-sum_c tanh(S_c(x)) (Rejected by All, Nayal et al. 2023)"),
+        Scorer("rba", _rba, "-sum_c tanh(S_c(x)) (Rejected by All, Nayal et al. 2023)", default_threshold=-0.5,
+               display=(-1.0, 0.0), refined_score=-1.0),
         Scorer("eam", _eam, "1 - sum_q sigmoid(m_q(x)) * max_c softmax(class_q)[c]", needs_eam=True,
                score_range=(0.0, 1.0)),
         Scorer("msp", _msp, "1 - max_c S_c(x) / sum_c S_c(x)", score_range=(0.0, 1.0)),
-        Scorer("max_logit", _max_logit, "-max_c L_c(x)", needs_logits=True),
-        Scorer("energy", _energy, "-logsumexp_c L_c(x) (free energy at temperature 1)", needs_logits=True),
+        Scorer("max_logit", _max_logit, "-max_c L_c(x)", needs_logits=True, default_threshold=0.0,
+               display=(-10.0, 10.0), refined_score=-10.0),
+        Scorer("energy", _energy, "-logsumexp_c L_c(x) (free energy at temperature 1)", needs_logits=True,
+               default_threshold=-3.0, display=(-10.0, 10.0), refined_score=-10.0),
     )
 }
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from mask2anomaly_eval import ablation
 
 
@@ -36,3 +38,58 @@ def test_markdown_table_in_percent():
              "obstacle": {"auprc": 0.05, "fpr95": 0.987, "auroc": 0.7}}]
     table = ablation.markdown_table(rows).splitlines()
     assert table[2] == "| X | 12.3 | 50.0 | 5.0 | 98.7 |"
+
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"  # a real stage-2 run with GMA on
+
+
+def _run_folder(folder: Path, gma: bool, stage: int) -> Path:
+    """A run folder as mask2anomaly-train writes it: the demo model's config.json and training_config.yaml
+    with the GMA setting and the stage replaced."""
+    import json
+
+    import yaml
+
+    folder.mkdir(parents=True)
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    config["global_masked_attention"] = gma
+    (folder / "config.json").write_text(json.dumps(config))
+    record = yaml.safe_load((DEMO_MODEL / "training_config.yaml").read_text())
+    record["stage"] = stage
+    (folder / "training_config.yaml").write_text(yaml.safe_dump(record))
+    return folder
+
+
+def test_the_demo_model_passes_as_the_stage2_run_and_matching_runs_pass(tmp_path):
+    ablation.check_run("gma_stage2", DEMO_MODEL)
+    ablation.check_runs({"gma_stage2": DEMO_MODEL, "gma_stage1": _run_folder(tmp_path / "b", True, 1),
+                         "nogma_stage1": _run_folder(tmp_path / "a", False, 1)})
+
+
+@pytest.mark.parametrize("key, gma, stage, message", [
+    ("nogma_stage1", True, 1, r"global_masked_attention=true, but row\(s\) A need .*global_masked_attention=false"),
+    ("gma_stage1", False, 1, r"global_masked_attention=false, but row\(s\) B need"),
+    ("gma_stage1", True, 2, r"stage 2, but row\(s\) B need a stage-1 run"),
+    ("gma_stage2", True, 1, r"stage 1, but row\(s\) C, D, E need a stage-2 run"),
+])
+def test_a_run_that_does_not_match_its_rows_is_refused(tmp_path, key, gma, stage, message):
+    folder = _run_folder(tmp_path / key, gma, stage)
+    with pytest.raises(ValueError, match=message):
+        ablation.check_run(key, folder)
+
+
+def test_a_run_without_its_record_is_refused(tmp_path):
+    folder = _run_folder(tmp_path / "run", False, 1)
+    (folder / "training_config.yaml").unlink()
+    with pytest.raises(ValueError, match=r"training_config.yaml not found: cannot check .* row\(s\) A"):
+        ablation.check_run("nogma_stage1", folder)
+
+
+def test_main_refuses_a_gma_run_as_row_a_before_training_or_evaluating(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(ablation, "_run", lambda command: calls.append(command))
+    status = ablation.main(["--output-dir", str(tmp_path / "out"), "--nogma-stage1", str(DEMO_MODEL)])
+    assert status == 2 and calls == []  # nothing trained, generated or evaluated
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("ablation: ") and "config.json" in error and len(error.splitlines()) == 1
+    assert "global_masked_attention=true, but row(s) A need" in error

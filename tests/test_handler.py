@@ -121,9 +121,27 @@ def test_space_predict_without_gradio(tmp_path, isolated_remote_code, monkeypatc
     monkeypatch.setenv("MASK2ANOMALY_MODEL", str(folder))
     heatmap, semantic, summary = app.predict(Image.fromarray(random_image(30, 42, seed=12)))
     assert heatmap.mode == "RGB" and heatmap.height >= 30 and heatmap.width > 42
-    assert semantic.mode == "RGB" and semantic.size == (42, 30)
-    assert set(map(tuple, np.asarray(semantic).reshape(-1, 3))) <= set(CITYSCAPES_PALETTE)
+    # the semantic map, enlarged as the heatmap (same size), with its legend to the right
+    assert semantic.mode == "RGB" and semantic.size == heatmap.size and heatmap.height % 30 == 0
+    factor = heatmap.height // 30
+    picture = np.asarray(semantic)[:, :42 * factor]
+    assert set(map(tuple, picture.reshape(-1, 3))) <= set(CITYSCAPES_PALETTE)
+    assert (np.asarray(semantic)[:, 42 * factor:].sum(axis=2) < 100).sum() > 20, "legend text beside the map"
     # "no object" everywhere: anomaly ~ 1 on every pixel
     assert "anomalous area 100.00%" in summary and "max anomaly score 1.000" in summary
     with pytest.raises(ModuleNotFoundError):
         app.build_demo()
+    # the button's handler says what is wrong instead of raising (gradio shows bare "Error" badges)
+    assert app.run(None) == (None, None, app.NO_IMAGE)
+    with pytest.raises(ValueError, match="No image yet: upload a road image"):
+        app.predict(None)
+
+
+def test_space_shrinks_a_large_image_for_the_screen(tmp_path, isolated_remote_code, monkeypatch):
+    """A 2048x1024 image is scored at full size but drawn at most 1024 wide, so the bar's labels keep their size."""
+    folder = save_tiny_model(tmp_path / "model", "anomalous")
+    app = _load_module(REPO / "app" / "app.py", "mask2anomaly_space_app_large")
+    monkeypatch.setenv("MASK2ANOMALY_MODEL", str(folder))
+    heatmap, semantic, summary = app.predict(random_image(1024, 2048, seed=13))
+    assert summary.startswith("2048x1024 image: ")
+    assert heatmap.height == 512 and 1024 < heatmap.width < 1024 + 320 and semantic.size == heatmap.size

@@ -123,6 +123,9 @@ def _bilinear_naive(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return out
 
 
+REFINED_SCORE = {"mask2anomaly": 0.0, "eam": 0.0, "msp": 0.0, "rba": -1.0, "max_logit": -10.0, "energy": -10.0}
+
+
 def _naive_anomaly(class_logits, mask_logits, valid, out_size, scorer, refine_ids, threshold, min_queries):
     """Independent float64 re-derivation of the documented scorers and refinement, loops over queries."""
     class_logits = np.asarray(class_logits, np.float64)
@@ -156,7 +159,9 @@ def _naive_anomaly(class_logits, mask_logits, valid, out_size, scorer, refine_id
     R = None
     if refine_ids is not None and len(kept) >= min_queries:
         R = np.max([finish(probs[q].max() * prob_maps[q]) for q in kept], axis=0)
-        score = score * (R < 0.5)
+        # official a * (R < 0.5) for the scores on [0, 1]; the low end of the colour scale for the others, whose 0
+        # is their most anomalous value (rba) or mid-scale (max_logit, energy)
+        score = np.where(R < 0.5, score, REFINED_SCORE[scorer])
     return score, S, R
 
 

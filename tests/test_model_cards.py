@@ -247,3 +247,44 @@ def test_publish_names_a_bad_config_or_foreign_remote_code_in_one_line(model_dir
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "config.json" in err and "Traceback" not in err, (name, err)
         assert not out.exists()
+
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo_model"
+
+
+def _demo_copy(folder: Path, **record_changes) -> Path:
+    """The demo model's config, processor, weights and training record (as mask2anomaly-train wrote it), with
+    `record_changes` applied to the record (e.g. what `--max-steps 4` records)."""
+    folder.mkdir()
+    for name in ("config.json", "preprocessor_config.json", "model.safetensors"):
+        shutil.copy(DEMO_MODEL / name, folder / name)
+    record = yaml.safe_load((DEMO_MODEL / "training_config.yaml").read_text())
+    record.update(record_changes)
+    (folder / "training_config.yaml").write_text(yaml.safe_dump(record))
+    return folder
+
+
+def test_card_of_a_synthroad_run_tells_its_own_recipe(tmp_path):
+    """A SynthRoad run stopped by --max-steps 4: the card gives the steps it made (4), once, and its own data and
+    learning rate, not the config's 200 steps nor the official Cityscapes recipe."""
+    text = ModelCard.load(write_model_card(_demo_copy(tmp_path / "run", max_steps=4))).text
+    training = text[text.index("## Training"):text.index("## Limitations")]
+    assert "| max_steps | `4` |" in training and "`200`" not in training and training.count("max_steps") == 1
+    assert ("Stage 2 (outlier exposure): 4 optimizer steps of 8 images on 2000 SynthRoad scenes (split train, "
+            "seed 0), AdamW lr 0.0002, backbone frozen, outliers pasted from 500 SynthRoad scenes (seed 0) with "
+            "probability 0.2, initialised from `outputs/m2a-stage1`.") in training
+    assert "official recipe" not in training and "90k" not in training and "Cityscapes" not in training
+    assert "--output-dir outputs/m2a-final" in training  # the command as it was run
+    assert "--output-dir outputs/predict images/" in text  # the predict CLI's own default folder
+
+
+def test_card_without_a_record_gives_the_official_recipe_and_the_processors_threshold(tmp_path):
+    folder = _demo_copy(tmp_path / "converted")
+    (folder / "training_config.yaml").unlink()
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    processor.update(anomaly_scorer="rba", anomaly_threshold=-0.5)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    text = ModelCard.load(write_model_card(folder)).text
+    training = text[text.index("## Training"):text.index("## Limitations")]
+    assert "does not record how it was trained" in training and "90k iterations" in training
+    assert "pixels above\nthe threshold -0.5" in text and "`rba`" in text

@@ -91,8 +91,53 @@ def test_scorer_does_not_modify_shared_channels():
 def test_display_ranges_come_from_the_registry():
     assert set(BOUNDED_SCORERS) == {"mask2anomaly", "eam", "msp"}
     wide = np.array([[-3.0, 7.0]], dtype=np.float32)
-    for name, scorer in SCORERS.items():
-        expected = scorer.display_range if scorer.bounded else (-3.0, 7.0)
-        assert default_score_range(wide, name) == pytest.approx(expected), name
+    # every scorer has a fixed colour scale, the same whatever the image holds
+    expected = {"mask2anomaly": (0.0, 1.0), "eam": (0.0, 1.0), "msp": (0.0, 1.0), "rba": (-1.0, 0.0),
+                "max_logit": (-10.0, 10.0), "energy": (-10.0, 10.0)}
+    for name in SCORERS:
+        assert default_score_range(wide, name) == pytest.approx(expected[name]), name
+        assert default_score_range(wide * 100, name) == pytest.approx(expected[name]), name
     with pytest.raises(ValueError, match="scorer='oracle' is not one of mask2anomaly"):
         default_score_range(wide, "oracle")
+
+
+# The decision rule written once, in each scorer's units: a pixel is anomalous when no class claims it
+# (max_c S_c < 0.5, i.e. sum_c tanh(S_c) < 0.5 for rba with one class present) or no class's mask logit is positive.
+# (energy: about -log 19, all 19 Cityscapes classes at logit 0)
+THRESHOLDS = {"mask2anomaly": 0.5, "eam": 0.5, "msp": 0.5, "rba": -0.5, "max_logit": 0.0, "energy": -3.0}
+
+
+def test_default_thresholds_and_refined_scores_sit_inside_each_scale():
+    for name, scorer in SCORERS.items():
+        low, high = scorer.display_range
+        assert scorer.default_threshold == THRESHOLDS[name], name
+        assert low <= scorer.refined_score <= scorer.default_threshold < high, name
+        assert scorer.scale == f"{name} score, colour scale {low:g} .. {high:g}"
+
+
+def test_default_thresholds_separate_a_claimed_pixel_from_an_unclaimed_one():
+    """One confident query of class 0 over the left column, nothing anywhere else: under every scorer's default
+    threshold the claimed pixels are normal and the unclaimed ones anomalous (msp, a ratio between the classes,
+    measures ambiguity, not absence: it is left out)."""
+    class_logits = np.full((NUM_QUERIES, NUM_CLASSES + 1), -8.0)
+    class_logits[:, -1] = 8.0  # the other queries say "no object"
+    class_logits[0, 0], class_logits[0, -1] = 8.0, -8.0
+    mask_logits = np.full((NUM_QUERIES, ROWS, COLS), -6.0)
+    mask_logits[0, :, 0] = 6.0
+    channels = _channels(class_logits, mask_logits)
+    for name, scorer in SCORERS.items():
+        if name == "msp":
+            continue
+        result = scorer.function(channels[0].clone(), channels[1] if scorer.needs_eam else None,
+                                 channels[2] if scorer.needs_logits else None).numpy()
+        above = result > scorer.default_threshold
+        assert not above[:, 0].any() and above[:, 1:].all(), (name, result[0])
+
+
+def test_a_scorer_without_a_scale_or_with_a_threshold_outside_it_is_refused():
+    from modeling_mask2anomaly.scorers import Scorer
+
+    with pytest.raises(ValueError, match="'free' is unbounded: give it a display range"):
+        Scorer("free", SCORERS["rba"].function, "x")
+    with pytest.raises(ValueError, match="default_threshold 0.5 < high 0.0"):
+        Scorer("bad", SCORERS["rba"].function, "x", display=(-1.0, 0.0), refined_score=-1.0)

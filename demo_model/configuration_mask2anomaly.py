@@ -13,6 +13,7 @@ files.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from huggingface_hub.dataclasses import strict
@@ -145,6 +146,7 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
                 "(preprocessor_config.json) has none. Save the processor to keep them."
             )
         self.legacy_postprocessing: dict[str, Any] = legacy
+        self._check_values()  # here, before the strict dataclass's validators wrap the message in several lines
         if self.backbone_config is None:
             self.backbone_config = resnet_backbone()
         if self.id2label is None and kwargs.get("num_labels") is None:
@@ -152,8 +154,47 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
             self.label2id = {name: i for i, name in self.id2label.items()}
         super().__post_init__(**kwargs)
 
+    # (attribute, smallest value) of the sizes and counts that must be whole numbers of at least that value
+    _MINIMUM_INTEGERS = (
+        ("feature_size", 1), ("mask_feature_size", 1), ("hidden_dim", 1), ("encoder_feedforward_dim", 1),
+        ("encoder_layers", 0), ("decoder_layers", 1), ("num_attention_heads", 1), ("dim_feedforward", 1),
+        ("common_stride", 1), ("num_queries", 1), ("train_num_points", 1),
+    )
+    # (attribute, lowest, highest) of the finite numbers
+    _NUMBER_RANGES = (
+        ("dropout", 0.0, 1.0), ("no_object_weight", 0.0, None), ("class_weight", 0.0, None),
+        ("mask_weight", 0.0, None), ("dice_weight", 0.0, None), ("oversample_ratio", 1.0, None),
+        ("importance_sample_ratio", 0.0, 1.0), ("contrastive_margin", None, None), ("contrastive_weight", 0.0, None),
+        ("init_std", 0.0, None), ("init_xavier_std", 0.0, None),
+    )
+
+    def _check_values(self) -> None:
+        """Sizes, counts and weights that would fail deep in torch (or train silently wrong): one ValueError naming
+        the key, its value and what is expected."""
+        for key, minimum in self._MINIMUM_INTEGERS:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"Mask2AnomalyConfig: {key}={value!r}; expected a whole number >= {minimum}")
+        for key, lowest, highest in self._NUMBER_RANGES:
+            value = getattr(self, key)
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not valid or (lowest is not None and value < lowest) or (highest is not None and value > highest):
+                bounds = f" in [{lowest}, {highest}]" if highest is not None else (
+                    f" >= {lowest}" if lowest is not None else "")
+                raise ValueError(f"Mask2AnomalyConfig: {key}={value!r}; expected a finite number{bounds}")
+        heads = self.num_attention_heads
+        for key in ("hidden_dim", "feature_size"):
+            if getattr(self, key) % heads:
+                raise ValueError(f"Mask2AnomalyConfig: {key}={getattr(self, key)} is not divisible by "
+                                 f"num_attention_heads={heads}; expected a multiple of it (each head gets an equal "
+                                 f"share of the width)")
+        if self.feature_size % 32:
+            raise ValueError(f"Mask2AnomalyConfig: feature_size={self.feature_size}; expected a multiple of 32 "
+                             f"(the pixel decoder's GroupNorm has 32 groups)")
+
     def validate_architecture(self):
         super().validate_architecture()
+        self._check_values()
         if self.contrastive_loss not in CONTRASTIVE_LOSS_FORMS:
             raise ValueError(
                 f"contrastive_loss={self.contrastive_loss!r} is not one of {', '.join(CONTRASTIVE_LOSS_FORMS)}"

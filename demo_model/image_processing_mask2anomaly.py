@@ -29,6 +29,7 @@ transformers and its sibling files.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -483,6 +484,7 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
         if "max_size" not in kwargs and kwargs.get("size") is None:
             kwargs["max_size"] = self.size["longest_edge"]
         super().__init__(**kwargs)
+        self._check_setting_types()
         self.refine_class_ids = [int(i) for i in self.refine_class_ids]
         self._check_postprocess_settings(self.anomaly_scorer, self.refine_min_queries)
         if kwargs.get("anomaly_threshold") is None:
@@ -496,6 +498,40 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
         if scorer is None or scorer == self.anomaly_scorer:
             return float(self.anomaly_threshold)
         return float(get_scorer(scorer, "scorer").default_threshold)
+
+    # settings (as saved in preprocessor_config.json) and the JSON type each must have: a string such as "false" or
+    # "high" would otherwise load and misbehave (a non-empty string is true)
+    _BOOLEAN_SETTINGS = ("refine", "flip_tta", "do_resize", "do_rescale", "do_normalize", "do_pad")
+    _NUMBER_SETTINGS = ("refine_score_threshold", "anomaly_threshold", "rescale_factor")
+    _INTEGER_SETTINGS = ("outlier_label", "ignore_index", "refine_min_queries", "size_divisor")
+
+    def _check_setting_types(self) -> None:
+        def refuse(key: str, value: Any, expected: str) -> None:
+            raise ValueError(f"{type(self).__name__}: {key}={value!r} ({type(value).__name__}); expected {expected}")
+
+        def number(value: Any) -> bool:
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+        for key in self._BOOLEAN_SETTINGS:
+            value = getattr(self, key, None)
+            if value is not None and not isinstance(value, bool):
+                refuse(key, value, "true or false")
+        for key in self._NUMBER_SETTINGS:
+            value = getattr(self, key, None)
+            if value is not None and not number(value):
+                refuse(key, value, "a finite number")
+        for key in self._INTEGER_SETTINGS:
+            value = getattr(self, key, None)
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+                refuse(key, value, "a whole number")
+        for key in ("image_mean", "image_std"):
+            value = getattr(self, key, None)
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(number(v) for v in values):
+                refuse(key, value, "finite numbers (one per channel)")
+        std = self.image_std if isinstance(self.image_std, (list, tuple)) else [self.image_std]
+        if self.do_normalize and any(v <= 0 for v in std if v is not None):
+            refuse("image_std", self.image_std, "positive values (normalising divides by them)")
 
     @staticmethod
     def _check_postprocess_settings(scorer: str, refine_min_queries: int) -> None:

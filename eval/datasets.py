@@ -13,7 +13,7 @@ finder, label convention, default track) and a test that builds a small tree in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -113,6 +113,8 @@ class AnomalyBenchmark:
     pairs: list[tuple[Path, Path]]
     convert: Callable[[np.ndarray, Path], np.ndarray]
     skip_without_anomaly: bool = False
+    # images of the folder left out because they have no label file (reported, never evaluated)
+    unlabelled: list[Path] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -144,8 +146,8 @@ class BenchmarkReader:
         name: the key of :data:`BENCHMARKS` and the ``--benchmark`` value.
         title: how results tables and model cards name it.
         description: the expected folder layout and label values (quoted in every error about the folder).
-        find: ``root -> [(image path, label path)]`` in a stable order; raises ``FileNotFoundError`` for a missing
-            folder.
+        find: ``root -> [(image path, label path or None)]`` in a stable order (None: no label file); raises
+            ``FileNotFoundError`` for a missing folder.
         labels: the label convention, ``(raw label array, label path) -> uint8 0 / 1 / 255``.
         track: the component-metric track it is evaluated with (size thresholds).
         skip_without_anomaly: the benchmark leaves out frames without anomaly pixels (StreetHazards).
@@ -154,7 +156,7 @@ class BenchmarkReader:
     name: str
     title: str
     description: str
-    find: Callable[[Path], list[tuple[Path, Path]]]
+    find: Callable[[Path], list[tuple[Path, Path | None]]]
     labels: Callable[[np.ndarray, Path], np.ndarray]
     track: Track = "anomaly"
     skip_without_anomaly: bool = False
@@ -171,29 +173,22 @@ def _first_existing(root: Path, names: tuple[str, ...]) -> Path | None:
 def _paired_folders(
     image_dirs: tuple[str, ...], label_dirs: tuple[str, ...], label_names: tuple[str, ...] = ("{stem}.png",)
 ) -> Callable[[Path], list[tuple[Path, Path]]]:
-    """Pairs (image, label) from sibling folders; images without a label file are left out (test frames)."""
+    """Pairs (image, label) from sibling folders; an image without a label file comes with ``None`` (an unlabelled
+    test frame, or a label that is missing: `get_benchmark` leaves it out and lists it in ``unlabelled``)."""
 
-    def find(root: Path) -> list[tuple[Path, Path]]:
+    def find(root: Path) -> list[tuple[Path, Path | None]]:
         image_dir, label_dir = _first_existing(root, image_dirs), _first_existing(root, label_dirs)
         if image_dir is None or label_dir is None:
             missing = " or ".join(str(root / n) for n in (image_dirs if image_dir is None else label_dirs))
             raise FileNotFoundError(f"missing folder {missing}")
-        pairs, unlabelled = [], 0
-        for image in _images_in(image_dir):
-            label = next((label_dir / n.format(stem=image.stem) for n in label_names
-                          if (label_dir / n.format(stem=image.stem)).is_file()), None)
-            if label is None:
-                unlabelled += 1
-            else:
-                pairs.append((image, label))
-        if unlabelled:
-            logger.info(f"{root}: {unlabelled} image(s) without a label file left out (e.g. unlabelled test frames)")
-        return pairs
+        return [(image, next((label_dir / n.format(stem=image.stem) for n in label_names
+                              if (label_dir / n.format(stem=image.stem)).is_file()), None))
+                for image in _images_in(image_dir)]
 
     return find
 
 
-def _smiyc_ro21(root: Path) -> list[tuple[Path, Path]]:
+def _smiyc_ro21(root: Path) -> list[tuple[Path, Path | None]]:
     pairs = _paired_folders(("images",), ("labels_masks",), ("{stem}_labels_semantic.png", "{stem}.png"))(root)
     kept = [(image, label) for image, label in pairs if not image.stem.startswith(SMIYC_RO21_EXCLUDED_PREFIXES)]
     if len(kept) != len(pairs):
@@ -201,7 +196,7 @@ def _smiyc_ro21(root: Path) -> list[tuple[Path, Path]]:
     return kept
 
 
-def _streethazards(root: Path) -> list[tuple[Path, Path]]:
+def _streethazards(root: Path) -> list[tuple[Path, Path | None]]:
     if (root / "images" / "test").is_dir():
         image_root, label_root = root / "images" / "test", root / "annotations" / "test"
         if not label_root.is_dir():
@@ -281,9 +276,14 @@ def get_benchmark(name: str, data_dir: str | Path, track: Track | None = None) -
     if not root.is_dir():
         raise FileNotFoundError(f"{name}: data folder {root} does not exist; expected layout: {layout.description}")
     try:
-        pairs = layout.find(root)
+        found = layout.find(root)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{name}: {error}; expected layout: {layout.description}") from None
+    pairs = [(image, label) for image, label in found if label is not None]
+    unlabelled = [image for image, label in found if label is None]
+    if unlabelled:
+        logger.warning(f"{name}: {len(unlabelled)} image(s) in {root} without a label file left out (unlabelled "
+                       f"test frames, or missing labels), e.g. {unlabelled[0]}")
     if not pairs:
         raise FileNotFoundError(f"{name}: no labelled image found in {root}; expected layout: {layout.description}")
     return AnomalyBenchmark(
@@ -293,4 +293,5 @@ def get_benchmark(name: str, data_dir: str | Path, track: Track | None = None) -
         pairs=pairs,
         convert=layout.labels,
         skip_without_anomaly=layout.skip_without_anomaly,
+        unlabelled=unlabelled,
     )

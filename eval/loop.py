@@ -46,7 +46,7 @@ from modeling_mask2anomaly.image_processing_mask2anomaly import to_rgb_uint8
 from modeling_mask2anomaly.inference import _input_placement, batches_of_equal_size, predict_batch_scorers
 
 from .bootstrap import bootstrap_metrics
-from .io import read_label_png
+from .io import LabelReadError, read_label_png
 from .metrics import (
     PIXEL_MODES,
     TRACK_SIZE_THRESHOLDS,
@@ -146,8 +146,14 @@ def _loaded_items(items: Sequence[Any], indices: Sequence[int], failures: list[d
             loaded = load_item(items[index], index)
         except (ValueError, OSError) as err:
             name = _name_at(items, index)
-            message = str(err) if name in str(err) else f"{name}: {err}"
-            failures.append({"item": name, "error": message})
+            failure = {"item": name}
+            if isinstance(err, LabelReadError):  # the label's fault: reported under the label's path
+                failure["label"] = err.path
+                message = str(err)
+            else:
+                message = str(err) if name in str(err) else f"{name}: {err}"
+            failure["error"] = message
+            failures.append(failure)
             logger.warning(f"skipped: {message}")
             continue
         if skip_without_anomaly and not (loaded.label == 1).any():

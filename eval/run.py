@@ -17,7 +17,10 @@ threshold of the pooled pixel curve (or at ``--anomaly-threshold``); the track (
 benchmark reader's: ``obstacle`` for RoadObstacle21, ``anomaly`` otherwise.
 
 Items that cannot be evaluated (unreadable image or label, label values other than 0/1/255, label size different
-from the image's) are reported with the reason and skipped; the run goes on and exits with status 1 at the end.
+from the image's, a label above PIL's pixel limit; a label's failure is reported under the label's path) are
+reported with the reason and skipped; the run goes on and exits with status 1 at the end. Images without a label
+file are left out and listed (``unlabelled`` in the JSON). The output folder is checked for writing before the
+evaluation starts; if writing the results fails anyway (a disk that filled up meanwhile), they are printed as JSON.
 
 Outputs in ``--output-dir``, each written atomically, with ``<stem>`` = ``<benchmark>`` (``<benchmark>-<scorer>``
 per scorer with ``--anomaly-scorer all``, which scores every registered scorer from one pass over the frames):
@@ -49,7 +52,7 @@ import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
 
-from modeling_mask2anomaly.atomic_io import write_text_atomically
+from modeling_mask2anomaly.atomic_io import check_writable_folder, write_text_atomically
 from modeling_mask2anomaly.inference import load_model_and_processor
 from modeling_mask2anomaly.scorers import ANOMALY_SCORERS
 
@@ -261,12 +264,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.anomaly_threshold is not None and not args.components:
         parser.error("--anomaly-threshold is the component-metric threshold; it needs --components")
     state = PartialState(cpu=args.cpu or not _has_accelerator())
+    try:  # before the evaluation, not after it (every process, so that all stop together)
+        check_writable_folder(args.output_dir)
+    except ValueError as err:
+        print(f"mask2anomaly-eval: --output-dir: {err}", file=sys.stderr)
+        return 2
     try:
         benchmark = get_benchmark(args.benchmark, args.data_dir, track=args.track)
     except (ValueError, FileNotFoundError) as err:
         print(f"mask2anomaly-eval: cannot open benchmark {args.benchmark!r} in {args.data_dir!r}: {err}",
               file=sys.stderr)
         return 2
+    if benchmark.unlabelled and state.is_main_process:
+        print(f"mask2anomaly-eval: {len(benchmark.unlabelled)} image(s) without a label file left out: "
+              f"{', '.join(map(os.fspath, benchmark.unlabelled[:5]))}{', ...' if len(benchmark.unlabelled) > 5 else ''}",
+              file=sys.stderr)
     model, processor = load_model_and_processor(args.model, state.device)
     all_scorers = args.anomaly_scorer == "all"
     scorers = list(ANOMALY_SCORERS) if all_scorers else [args.anomaly_scorer or processor.anomaly_scorer]
@@ -290,14 +302,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         for scorer, result in results.items():
             stem = f"{args.benchmark}-{scorer}" if all_scorers else args.benchmark
             title = f"{BENCHMARKS[args.benchmark].title}, {scorer}"
-            _, files_markdown = write_figures(result, output_dir, stem, title, scorer,
-                                             processor.decision_threshold(scorer))
             record = {"model": args.model, "benchmark": args.benchmark,
                       "benchmark_name": BENCHMARKS[args.benchmark].title,
                       "data_dir": os.path.abspath(args.data_dir), "mode": args.mode,
-                      **{key: value for key, value in result.items() if key not in ("curve", "extreme_images")}}
-            json_path, markdown_path = write_results(record, output_dir, stem,
-                                                     intervals_markdown(record) + files_markdown)
+                      **{key: value for key, value in result.items() if key not in ("curve", "extreme_images")},
+                      "unlabelled": [os.fspath(path) for path in benchmark.unlabelled]}
+            try:
+                _, files_markdown = write_figures(result, output_dir, stem, title, scorer,
+                                                  processor.decision_threshold(scorer))
+                json_path, markdown_path = write_results(record, output_dir, stem,
+                                                         intervals_markdown(record) + files_markdown)
+            except OSError as err:  # e.g. the disk filled up during the evaluation: the results still get out
+                print(json.dumps(record, allow_nan=False))
+                print(f"mask2anomaly-eval: cannot write the results into {args.output_dir} ({err}); they are "
+                      f"printed above as JSON", file=sys.stderr)
+                state.wait_for_everyone()
+                return 1
             json_paths.append(json_path)
             summary = ", ".join(f"{name} {100 * record['metrics'][key]:.2f}" for key, name in
                                 PIXEL_METRICS + COMPONENT_METRICS if record["metrics"].get(key) is not None)

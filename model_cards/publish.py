@@ -326,13 +326,18 @@ def publish(
     else:
         scratch = Path(tempfile.mkdtemp(prefix="mask2anomaly-publish-"))
     try:
-        files = assemble_hub_folder(model_dir, scratch, repo_id, results=results, widget_images=widget_images,
-                                    handler=handler, card_kwargs=card_kwargs)
-        check = smoke_test(scratch)
-        folder = scratch
-        if output_dir is not None:
-            os.replace(scratch, output_dir)
-            folder = output_dir
+        try:
+            files = assemble_hub_folder(model_dir, scratch, repo_id, results=results, widget_images=widget_images,
+                                        handler=handler, card_kwargs=card_kwargs)
+            check = smoke_test(scratch)
+            folder = scratch
+            if output_dir is not None:
+                os.replace(scratch, output_dir)
+                folder = output_dir
+        except OSError as error:  # a full disk, a folder that cannot be written: nothing is kept
+            where = output_dir if output_dir is not None else "the Hub folder"
+            raise PublishError(f"cannot write {where}: {error.strerror or error}"
+                               + (f" ({error.filename})" if error.filename else "")) from None
         url = None
         if not dry_run:
             api = HfApi(token=token)

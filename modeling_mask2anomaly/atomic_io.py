@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -44,4 +45,52 @@ def write_text_atomically(target: str | os.PathLike, text: str) -> None:
     write_atomically(target, lambda stream: stream.write(text.encode("utf-8")))
 
 
-__all__ = ["write_atomically", "write_text_atomically"]
+def write_files_atomically(target_dir: str | os.PathLike, write: Callable[[Path], None],
+                           last: Sequence[str] = ()) -> list[Path]:
+    """Let `write(staging)` fill a temporary folder inside `target_dir`, then rename each file it wrote into
+    `target_dir` (the names in `last` after the others, e.g. ``config.json``, so that a folder whose last file is
+    there holds the other files of the same write). Every file is either the old one or a complete new one, with
+    the permissions a plain open() gives (0666 less the umask); on any failure nothing is renamed and the staging
+    folder is removed. Returns the paths written in `target_dir`, in the order they were renamed."""
+    target_dir = Path(target_dir)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target_dir, prefix=".staging-"))
+    try:
+        write(staging)
+        names = sorted(path.name for path in staging.iterdir())
+        subfolders = [name for name in names if not (staging / name).is_file() or (staging / name).is_symlink()]
+        if subfolders:
+            raise ValueError(f"write_files_atomically stages plain files only; got {subfolders}")
+        names = [name for name in names if name not in last] + [name for name in last if name in names]
+        mode = 0o666 & ~_umask()
+        for name in names:
+            with open(staging / name, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(staging / name, mode)
+        written = []
+        for name in names:
+            os.replace(staging / name, target_dir / name)
+            written.append(target_dir / name)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_writable_folder(folder: str | os.PathLike) -> Path:
+    """Create `folder` if needed and check that a file can be written in it (a probe file, removed at once), so a
+    command fails before its work rather than after it. Raises ValueError of one line naming the folder."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; expected a folder (or a new name)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        raise ValueError(f"cannot write into {folder}: {err.strerror or err}") from None
+    return folder
+
+
+__all__ = ["check_writable_folder", "write_atomically", "write_files_atomically", "write_text_atomically"]

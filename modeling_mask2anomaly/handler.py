@@ -17,6 +17,13 @@ anomaly score exceeds the threshold; score = their mean anomaly score) when ther
 setting of the same name; `threshold` and `scorer` are accepted as aliases of `anomaly_threshold` and
 `anomaly_scorer`.
 
+Limits: an image of more than `max_pixels` pixels (default `DEFAULT_MAX_PIXELS`, 5000 x 5000; the
+``MASK2ANOMALY_MAX_PIXELS`` environment variable or the constructor's `max_pixels` set another) is refused from its
+header, before its pixels are decoded: a small PNG can hold a huge image (an 8000 x 8000 PNG of 200 KB decodes
+into 2.3 GB), and PIL's decompression-bomb warning is an error here. Parameters are checked by type before
+anything runs: thresholds are finite numbers, `flip_tta` and `refine` JSON booleans (the string "false" is
+refused, not taken as true), scorers strings; every refusal is a ValueError of one line.
+
 The endpoint needs only transformers, torch, numpy, pillow and scipy: the model, its processor and the pipeline
 come from the repository's remote code (trust_remote_code).
 """
@@ -26,19 +33,74 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
+import os
+import warnings
 from typing import Any
 
 from PIL import Image
 from transformers import pipeline
 
-PARAMETERS = ("anomaly_threshold", "flip_tta", "refine", "anomaly_scorer", "threshold", "scorer")
+# each parameter and the JSON type it must have
+PARAMETERS = {"anomaly_threshold": "number", "threshold": "number", "flip_tta": "boolean", "refine": "boolean",
+              "anomaly_scorer": "string", "scorer": "string"}
+DEFAULT_MAX_PIXELS = 5000 * 5000
+MAX_PIXELS_VARIABLE = "MASK2ANOMALY_MAX_PIXELS"
 
 
-def decode_image(inputs: Any) -> Image.Image | bytes:
-    """The request's `inputs` as something the pipeline reads: a PIL image or encoded bytes as they are, a string
-    decoded as base64 (data: URIs too). Strings are never taken as paths or URLs: a request must not make the
-    endpoint read its own files or fetch addresses. Raises ValueError saying what was received and expected."""
+def check_parameters(parameters: Any) -> dict[str, Any]:
+    """The request's `parameters` checked by type (see `PARAMETERS`): a dict (or null) of known names whose values
+    are finite numbers, JSON booleans or strings. Raises ValueError naming the parameter, its value and the type
+    expected."""
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise ValueError(f"'parameters' is {type(parameters).__name__} {parameters!r:.80}; expected an object such "
+                         f"as {{\"anomaly_threshold\": 0.5, \"flip_tta\": true}}")
+    unknown = sorted(map(str, set(parameters) - set(PARAMETERS)))
+    if unknown:
+        raise ValueError(f"Unknown parameter(s) {unknown}; expected some of {', '.join(PARAMETERS)}")
+    for name, value in parameters.items():
+        expected = PARAMETERS[name]
+        if expected == "number":
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif expected == "boolean":
+            valid = isinstance(value, bool)
+        else:
+            valid = isinstance(value, str)
+        if not valid:
+            extra = " (finite)" if expected == "number" else ""
+            raise ValueError(f"Parameter {name!r} is {type(value).__name__} {value!r:.80}; expected a{extra} "
+                             f"JSON {expected}")
+    return dict(parameters)
+
+
+def _max_pixels_from_environment() -> int:
+    text = os.environ.get(MAX_PIXELS_VARIABLE)
+    if text is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{MAX_PIXELS_VARIABLE}={text!r}; expected a positive whole number of pixels")
+    return value
+
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ValueError(f"'inputs' is a {width}x{height} image ({width * height} pixels); this endpoint accepts at "
+                         f"most {max_pixels} pixels ({MAX_PIXELS_VARIABLE})")
+
+
+def decode_image(inputs: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The request's `inputs` as a decoded PIL image: a PIL image as it is, encoded bytes or a string decoded as
+    base64 (data: URIs too). Strings are never taken as paths or URLs: a request must not make the endpoint read
+    its own files or fetch addresses. An image of more than `max_pixels` pixels is refused from its header, before
+    the pixels are decoded. Raises ValueError saying what was received and expected."""
     if isinstance(inputs, Image.Image):
+        _check_size(*inputs.size, max_pixels)
         return inputs
     if isinstance(inputs, str):
         text = inputs.strip()
@@ -52,7 +114,17 @@ def decode_image(inputs: Any) -> Image.Image | bytes:
     if isinstance(inputs, (bytes, bytearray)):
         if not inputs:
             raise ValueError("'inputs' holds no bytes; expected an encoded image (PNG, JPEG, ...)")
-        return bytes(inputs)  # the pipeline decodes them and names the reason when it cannot
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(bytes(inputs)))  # reads the header only
+                _check_size(*image.size, max_pixels)
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ValueError(f"'inputs' is refused as a decompression bomb ({err})") from None
+        except (OSError, SyntaxError) as err:
+            raise ValueError(f"'inputs' ({len(inputs)} bytes) is not a decodable image ({err})") from None
+        return image
     raise ValueError(f"'inputs' has type {type(inputs).__name__}; expected a base64 string, bytes or a PIL image")
 
 
@@ -66,7 +138,10 @@ def encode_mask(mask: Image.Image) -> str:
 class EndpointHandler:
     """Loads the repository at `path` once; each call segments one image (see the module docstring)."""
 
-    def __init__(self, path: str = "") -> None:
+    def __init__(self, path: str = "", max_pixels: int | None = None) -> None:
+        self.max_pixels = _max_pixels_from_environment() if max_pixels is None else int(max_pixels)
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels={max_pixels!r}; expected a positive whole number of pixels")
         # the model folder's config routes "image-segmentation" to the Mask2Anomaly pipeline in its remote code
         self.pipeline = pipeline("image-segmentation", model=path or ".", trust_remote_code=True)
 
@@ -74,10 +149,9 @@ class EndpointHandler:
         if not isinstance(data, dict) or "inputs" not in data:
             raise ValueError(f"Expected a request {{'inputs': <image>, 'parameters': {{...}}}}; got "
                              f"{type(data).__name__} with keys {sorted(data) if isinstance(data, dict) else '-'}")
-        parameters = data.get("parameters") or {}
-        unknown = sorted(set(parameters) - set(PARAMETERS))
-        if unknown:
-            raise ValueError(f"Unknown parameter(s) {unknown}; expected some of {', '.join(PARAMETERS)}")
-        image = decode_image(data["inputs"])
+        parameters = check_parameters(data.get("parameters"))
+        # the pipeline checks the values (a scorer's name, ...) before it reads the image or runs the model
+        self.pipeline._sanitize_parameters(**parameters)
+        image = decode_image(data["inputs"], self.max_pixels)
         segments = self.pipeline(image, **parameters)
         return [{"label": s["label"], "score": s["score"], "mask": encode_mask(s["mask"])} for s in segments]

@@ -6,9 +6,13 @@ Per image it writes, into `--output-dir`:
 - ``<stem>_heatmap.png``: the scores as an "inferno"-like colour map blended over the image, with a colour bar;
 - ``<stem>_semantic.png``: the semantic map as a palette PNG with the Cityscapes colours;
 
-each written to a temporary file in the output folder and renamed into place, so an interrupted or failed run
-never leaves a partial file. It prints one summary line per image (max score, anomalous area at the threshold)
-and one line per unreadable input naming the file and the reason; the exit status is 1 when any input failed.
+the three written into a staging folder inside the output folder and then renamed into place, so an interrupted
+or failed run never leaves a partial file and never removes the outputs of an earlier run. Output names are unique
+over all inputs (``a/x.png`` and ``b/x.png`` give ``x`` and ``x-2``). It prints one summary line per image (max
+score, anomalous area at the threshold) and one line per input that failed, naming the file and the reason (not
+readable, a folder that cannot be read, an image too thin to resize, a map with NaN or infinite scores: nothing is
+written for it); the exit status is 1 when any input failed, 2 for bad arguments (a model that does not load, an
+``--output-dir`` that is a file), and then no output folder is created.
 
 Images are read lazily (converted to RGB once, by `load_image`) and predicted up to `--batch-size` at a time
 (`inference.batches_of_equal_size` then `inference.predict_batch`), so memory is bounded by one batch however many
@@ -27,19 +31,21 @@ and `--anomaly-threshold` (`anomaly_threshold`; alias `--threshold`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from .atomic_io import write_atomically
+from .atomic_io import write_files_atomically
 from .image_processing_mask2anomaly import IMAGE_EXTENSIONS, load_image
 from .inference import (
     AnomalyPrediction,
@@ -64,29 +70,52 @@ def collect_inputs(sources: Sequence[str], exclude_dir: str | os.PathLike | None
     Expand files, folders (recursively) and glob patterns into a sorted, de-duplicated list of image paths.
 
     Files named explicitly are always taken (a bad one is then reported as bad); files found in folders or by a
-    glob are taken when their extension is an image extension, and never from inside `exclude_dir` (the output
-    folder, so a second run does not predict on its own heatmaps).
+    glob are taken when their extension is an image extension, except this command's own pictures
+    (``*_heatmap.png``, ``*_semantic.png``) inside `exclude_dir` (the output folder), so that a second run does not
+    predict on its own heatmaps while inputs below the output folder (``--output-dir .``) are still found.
 
     Returns:
-        (paths, problems): the paths in order, and one message per source that matched nothing.
+        (paths, problems): the paths in order, and one message per source that matched nothing and per file or
+        folder that could not be read (its images are skipped, the others still collected).
     """
     extensions = IMAGE_EXTENSIONS
     excluded = Path(exclude_dir).resolve() if exclude_dir is not None else None
+    own_pictures = tuple(suffix for suffix in OUTPUT_SUFFIXES if suffix.endswith(".png"))
+    problems: list[str] = []
 
     def wanted(path: Path) -> bool:
         if path.suffix.lower() not in extensions:
             return False
-        return excluded is None or excluded not in path.resolve().parents
+        if excluded is not None and path.name.endswith(own_pictures):
+            return excluded not in path.resolve().parents
+        return True
+
+    def unreadable_folder(error: OSError) -> None:
+        problems.append(f"{error.filename}: folder cannot be read ({error.strerror}); its images are skipped")
+
+    def walk(folder: Path) -> list[Path]:
+        found = []
+        for root, folders, files in os.walk(folder, onerror=unreadable_folder):
+            folders.sort()
+            candidates = (Path(root) / name for name in files)
+            found.extend(path for path in candidates if os.path.isfile(path) and wanted(path))
+        return sorted(found)
 
     paths: list[Path] = []
-    problems: list[str] = []
     for source in sources:
         path = Path(source)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and wanted(p))
+        try:
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            mode = None
+        except OSError as error:  # e.g. a file inside a folder this user may not enter
+            problems.append(f"{source}: cannot be read ({error.strerror})")
+            continue
+        if mode is not None and stat.S_ISDIR(mode):
+            found = walk(path)
             if not found:
                 problems.append(f"{source}: folder holds no image files ({', '.join(extensions)})")
-        elif path.is_file():
+        elif mode is not None:
             found = [path]
         elif glob.has_magic(source):
             found = sorted(p for p in map(Path, glob.glob(source, recursive=True)) if p.is_file() and wanted(p))
@@ -107,14 +136,21 @@ def collect_inputs(sources: Sequence[str], exclude_dir: str | os.PathLike | None
 
 
 def output_stems(paths: Sequence[Path]) -> list[str]:
-    """Output name stems: the file stem, made unique with ``-2``, ``-3``, ... when two inputs share one."""
-    seen: dict[str, int] = {}
+    """Output name stems, unique over all inputs: the file stem, or when an earlier input took it, the stem with
+    ``-2``, ``-3``, ... (the first such name that no input has as its own stem, so that ``a/x.png``, ``b/x.png`` and
+    ``c/x-2.png`` give ``x``, ``x-3`` and ``x-2``). Compared case-insensitively, as some file systems do."""
+    natural = {path.stem.casefold() for path in paths}
+    taken: set[str] = set()
     stems = []
     for path in paths:
         stem = path.stem
-        count = seen.get(stem, 0) + 1
-        seen[stem] = count
-        stems.append(stem if count == 1 else f"{stem}-{count}")
+        if stem.casefold() in taken:
+            count = 2
+            while f"{path.stem}-{count}".casefold() in taken | natural:
+                count += 1
+            stem = f"{path.stem}-{count}"
+        taken.add(stem.casefold())
+        stems.append(stem)
     return stems
 
 
@@ -129,23 +165,38 @@ def write_outputs(
     scorer: str,
     threshold: float,
 ) -> list[Path]:
-    """Write the three outputs of one image; on any failure remove the ones already written, then re-raise."""
-    targets = [output_dir / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES]
+    """Write the three outputs of one image as one unit: all are written into a staging folder, then renamed into
+    `output_dir`; on any failure nothing is renamed (the outputs of an earlier run stay as they were) and the
+    staging folder is removed, then the error is re-raised."""
     anomaly = np.ascontiguousarray(prediction.anomaly_map, dtype=np.float32)
     vmin, vmax = default_score_range(anomaly, scorer)
-    try:
-        write_atomically(targets[0], lambda f: np.save(f, anomaly, allow_pickle=False))
+
+    def write(staging: Path) -> None:
+        with open(staging / f"{stem}{OUTPUT_SUFFIXES[0]}", "wb") as handle:
+            np.save(handle, anomaly, allow_pickle=False)
         heatmap = render_heatmap(image, anomaly, vmin, vmax, threshold=threshold)
-        write_atomically(targets[1], lambda f: heatmap.save(f, format="PNG"))
+        heatmap.save(staging / f"{stem}{OUTPUT_SUFFIXES[1]}", format="PNG")
         del heatmap
-        semantic = render_semantic(prediction.semantic_map)
-        write_atomically(targets[2], lambda f: semantic.save(f, format="PNG"))
-    except BaseException:
-        for target in targets:
-            with contextlib.suppress(FileNotFoundError):
-                target.unlink()
-        raise
-    return targets
+        render_semantic(prediction.semantic_map).save(staging / f"{stem}{OUTPUT_SUFFIXES[2]}", format="PNG")
+
+    return write_files_atomically(output_dir, write)
+
+
+def check_prediction(prediction: AnomalyPrediction) -> None:
+    """ValueError when the anomaly map holds NaN or infinite scores (NaN weights, an `image_std` of 0, ...): such
+    a map is a failure of the image, never an output."""
+    finite = np.isfinite(prediction.anomaly_map)
+    if not finite.all():
+        raise ValueError(f"the model gave {finite.size - int(finite.sum())} non-finite anomaly scores (NaN or inf) "
+                         f"of {finite.size}; nothing written (NaN weights or an image_std of 0 in the processor?)")
+
+
+def check_resizable(processor: Any, image: np.ndarray, do_resize: bool | None) -> None:
+    """ValueError when resizing would round a side of `image` to 0 pixels (a 100000x10 image)."""
+    height, width = processor.processed_size(image.shape[:2], do_resize)
+    if height < 1 or width < 1:
+        raise ValueError(f"a {image.shape[1]}x{image.shape[0]} image resized to the processor's size would be "
+                         f"{width}x{height} pixels; crop it, or pass --no-resize")
 
 
 def summary_line(name: str, anomaly_map: np.ndarray, threshold: float, scorer: str = DEFAULT_SCORER) -> str:
@@ -221,12 +272,14 @@ class _Loaded:
     image: np.ndarray
 
 
-def _read_images(paths: Sequence[Path], stems: Sequence[str],
-                 report: Callable[[Path, str], None]) -> Iterator[_Loaded]:
-    """Read the images one at a time, in order; bad files are reported and skipped."""
+def _read_images(paths: Sequence[Path], stems: Sequence[str], report: Callable[[Path, str], None],
+                 check: Callable[[np.ndarray], None] | None = None) -> Iterator[_Loaded]:
+    """Read the images one at a time, in order; bad files (and those `check` refuses) are reported and skipped."""
     for path, stem in zip(paths, stems):
         try:
             image = np.asarray(load_image(path))
+            if check is not None:
+                check(image)
         except (ValueError, OSError, MemoryError) as err:
             report(path, str(err))
             continue
@@ -246,6 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mask2anomaly-predict: {err}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        print(f"mask2anomaly-predict: --output-dir {output_dir} is a file; expected a folder (or a new name)",
+              file=sys.stderr)
+        return 2
     submission = None
     if args.format != "default":
         # benchmark submission layouts: the writers live with the evaluation code
@@ -256,7 +313,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, ImportError) as err:
             print(f"mask2anomaly-predict: {err}", file=sys.stderr)
             return 2
-    output_dir.mkdir(parents=True, exist_ok=True)
     paths, problems = collect_inputs(args.inputs, exclude_dir=output_dir)
     if submission is not None:
         paths, skipped = submission.select(paths)
@@ -267,8 +323,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mask2anomaly-predict: no input images", file=sys.stderr)
         return 1
 
-    model, processor = load_model_and_processor(args.model, device, DTYPES[args.dtype])
+    # the model first, the output folder after: a model that does not load leaves nothing behind
+    try:
+        model, processor = load_model_and_processor(args.model, device, DTYPES[args.dtype])
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        reason = " ".join(str(err).split())[:400]
+        print(f"mask2anomaly-predict: cannot load the model {args.model!r}: {reason}", file=sys.stderr)
+        return 2
     model.eval()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"mask2anomaly-predict: cannot create --output-dir {output_dir}: {err.strerror}", file=sys.stderr)
+        return 2
     do_resize = False if args.no_resize else None  # None: the processor's own setting
     flip_tta = processor.flip_tta and not args.no_flip
     refine = processor.refine and not args.no_refine
@@ -291,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return processor.processed_size(item.image.shape[:2], do_resize)
 
     # the one batching of the path, so that a failed pass is reported per file
-    images = _read_images(paths, output_stems(paths), report)
+    images = _read_images(paths, output_stems(paths), report,
+                          check=lambda image: check_resizable(processor, image, do_resize))
     for batch in batches_of_equal_size(images, args.batch_size, processed_size):
         try:
             predictions = predict_batch(model, processor, [item.image for item in batch], flip_tta, refine=refine,
@@ -301,6 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report(item.path, f"prediction failed ({err})")
             continue
         for item, prediction in zip(batch, predictions):
+            try:
+                check_prediction(prediction)
+            except ValueError as err:
+                report(item.path, str(err))
+                continue
             try:
                 if submission is not None:
                     submission.write(item.path, prediction.anomaly_map, prediction.semantic_map)

@@ -145,3 +145,70 @@ def test_space_shrinks_a_large_image_for_the_screen(tmp_path, isolated_remote_co
     heatmap, semantic, summary = app.predict(random_image(1024, 2048, seed=13))
     assert summary.startswith("2048x1024 image: ")
     assert heatmap.height == 512 and 1024 < heatmap.width < 1024 + 320 and semantic.size == heatmap.size
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_endpoint_handler_refuses_images_above_its_pixel_limit_before_decoding(tmp_path, isolated_remote_code,
+                                                                                monkeypatch):
+    """An 8000x8000 PNG is ~200 KB but decodes into 192 MB of RGB: it is refused from its header (the decoder is
+    never called), with the limit named; the limit is configurable, and PIL's bomb warning is an error."""
+    folder = save_tiny_model(tmp_path / "model", "random")
+    module = _load_module(HANDLER, "handler")
+    handler = module.EndpointHandler(str(folder))
+    assert handler.max_pixels == module.DEFAULT_MAX_PIXELS < 8000 * 8000
+    bomb = _png_bytes(Image.new("L", (8000, 8000)))
+    assert len(bomb) < 300_000
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size))
+    with pytest.raises(ValueError, match=r"8000x8000 image \(64000000 pixels\).*at most 25000000"):
+        handler({"inputs": base64.b64encode(bomb).decode()})
+    assert decoded == []
+    monkeypatch.undo()
+
+    small = _png_base64(random_image(20, 30, seed=3))
+    monkeypatch.setenv(module.MAX_PIXELS_VARIABLE, "500")
+    limited = module.EndpointHandler(str(folder))
+    with pytest.raises(ValueError, match=r"30x20 image \(600 pixels\).*at most 500"):
+        limited({"inputs": small})
+    with pytest.raises(ValueError, match=r"30x20 image"):
+        limited({"inputs": Image.fromarray(random_image(20, 30))})
+    assert module.EndpointHandler(str(folder), max_pixels=600)({"inputs": small, "parameters": {"flip_tta": False}})
+    monkeypatch.setenv(module.MAX_PIXELS_VARIABLE, "lots")
+    with pytest.raises(ValueError, match="MASK2ANOMALY_MAX_PIXELS='lots'"):
+        module.EndpointHandler(str(folder))
+    monkeypatch.delenv(module.MAX_PIXELS_VARIABLE)
+
+    # under the handler's own limit but above PIL's warning threshold: PIL's warning is an error here
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
+    with pytest.raises(ValueError, match="decompression bomb"):
+        handler({"inputs": small})
+
+
+@pytest.mark.parametrize("parameters, message", [
+    (["flip_tta"], r"'parameters' is list"),
+    (3, r"'parameters' is int"),
+    ("flip_tta=false", r"'parameters' is str"),
+    ({"flip_tta": "false"}, r"Parameter 'flip_tta' is str 'false'; expected a JSON boolean"),
+    ({"refine": 0}, r"Parameter 'refine' is int 0; expected a JSON boolean"),
+    ({"anomaly_threshold": float("nan")}, r"Parameter 'anomaly_threshold' is float nan; expected a \(finite\)"),
+    ({"threshold": float("inf")}, r"Parameter 'threshold' is float inf"),
+    ({"anomaly_threshold": "high"}, r"Parameter 'anomaly_threshold' is str 'high'; expected a \(finite\) JSON number"),
+    ({"anomaly_threshold": True}, r"Parameter 'anomaly_threshold' is bool"),
+    ({"scorer": 3}, r"Parameter 'scorer' is int 3; expected a JSON string"),
+    ({"anomaly_scorer": "loudest"}, r"scorer='loudest' is not one of"),
+])
+def test_endpoint_handler_checks_parameters_before_inference(tmp_path, isolated_remote_code, monkeypatch,
+                                                             parameters, message):
+    folder = save_tiny_model(tmp_path / "model", "random")
+    handler = _load_module(HANDLER, "handler").EndpointHandler(str(folder))
+    ran = []
+    monkeypatch.setattr(handler.pipeline, "forward", lambda *args, **kwargs: ran.append(args))
+    monkeypatch.setattr(handler.pipeline, "preprocess", lambda *args, **kwargs: ran.append(args))
+    with pytest.raises(ValueError, match=message) as caught:
+        handler({"inputs": _png_base64(random_image(8, 8)), "parameters": parameters})
+    assert "\n" not in str(caught.value) and ran == []

@@ -107,3 +107,33 @@ def test_module_errors():
         streamed.compute(components=True)
     with pytest.raises(ValueError, match="unknown compute"):
         load().compute(predictions=[np.zeros(2)], references=[np.zeros(2)], bins=10)
+
+
+def test_several_processes_never_unpickle_a_planted_shard(tmp_path):
+    """Process 0 reads the other processes' shards as plain arrays: a pickle planted under a shard's name (the
+    old ``.m2a.pkl`` and the current ``.m2a.npz``) is refused with an error naming it, and runs nothing."""
+    from hostile_files import plant_pickle
+
+    scores, labels = random_frames("ties", 4)
+    experiment = uuid.uuid4().hex
+    metric = load(num_process=2, process_id=0, experiment_id=experiment, cache_dir=str(tmp_path))
+    marker = tmp_path / "code-ran"
+    for suffix in (".m2a.pkl", ".m2a.npz"):
+        plant_pickle(Path(metric.data_dir) / f"{experiment}-2-1{suffix}", marker)
+    metric.timeout = 2
+    with pytest.raises(ValueError, match=r"-2-1\.m2a\.npz"):
+        metric.compute(predictions=scores, references=labels)
+    assert not marker.exists()
+
+
+def test_several_processes_merge_fixed_threshold_components(tmp_path, reference):
+    """The component accumulators travel between processes as arrays too."""
+    track, expected = official_config(reference, "anomaly_track", "@thresh_p=0.5")
+    scores, labels = load_case("anomaly_track")
+    experiment = uuid.uuid4().hex
+    workers = [load(num_process=2, process_id=i, experiment_id=experiment, cache_dir=str(tmp_path), components=True,
+                    component_threshold=0.5) for i in (0, 1)]
+    half = len(scores) // 2
+    workers[1].add_batch(predictions=scores[:half], references=labels[:half])
+    assert workers[1].compute() is None
+    assert_component_result(workers[0].compute(predictions=scores[half:], references=labels[half:]), expected)

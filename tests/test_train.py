@@ -34,33 +34,10 @@ from mask2anomaly_training.optim import parameter_groups, poly_schedule
 from mask2anomaly_training.sampling import ProcessBatchSampler, global_batch_indices
 from mask2anomaly_training.sources import load_source, make_augmentation, stage_data, training_dataset
 from mask2anomaly_training.train import train
+from tiny_models import ANOMALY_SPLIT, TINY_TRAINING as TINY, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE_PREFIX = "model.pixel_level_module.encoder."
-
-# Tiny scenes and the tiny model; one image per 64x128 crop, no loader workers (process start-up would
-# dominate), no periodic evaluation or checkpoints unless a test asks for them.
-TINY = [
-    "model.preset=tiny",
-    "model.config={}",
-    "processor.size={shortest_edge: 64, longest_edge: 128}",
-    "data.train={source: synthroad, split: train, num: 8, seed: 0, height: 64, width: 128}",
-    "data.outliers={source: synthroad, num: 4, seed: 0, height: 64, width: 128}",
-    "data.validation={}",
-    "data.crop_size=[64, 128]",
-    "data.num_workers=0",
-    "stage1.batch_size=2",
-    "stage2.batch_size=2",
-    "training.logging_steps=1",
-    "training.checkpoint_steps=0",
-    "training.eval_steps=0",
-]
-ANOMALY_SPLIT = "data.validation.anomaly={source: synthroad, split: anomaly, num: 2, seed: 1, height: 64, width: 128}"
-
-
-def tiny_config(*overrides: str):
-    return load_config("synthroad", [*TINY, *overrides])
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -406,8 +383,8 @@ def test_two_process_accelerate_launch(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert yaml.safe_load((output / "training_config.yaml").read_text())["num_processes"] == 2
     checkpoint = output / "checkpoints" / "checkpoint-00000002"
-    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
-                                                                              "random_states_1.pkl"]
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.json")) == ["random_states_0.json",
+                                                                              "random_states_1.json"]
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert (output / name).is_file()
     # The 3 validation images were split 2 + 1 over the processes: the merged metrics equal one process's

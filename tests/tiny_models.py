@@ -83,9 +83,39 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
 
-def synthroad_eval_setup(root: Path, num_images: int, seed: int):
-    """A small SynthRoad anomaly split (64x128) and a random tiny model saved beside it, for the evaluation tests:
-    ``(data_dir, model, processor, image_paths, label_arrays)``; the model folder is ``root / "model"``."""
+# ------------------------------------------------------------------------------------------- training
+# Tiny scenes and the tiny model; one image per 64x128 crop, no loader workers (process start-up would
+# dominate), no periodic evaluation or checkpoints unless a test asks for them.
+TINY_TRAINING = [
+    "model.preset=tiny",
+    "model.config={}",
+    "processor.size={shortest_edge: 64, longest_edge: 128}",
+    "data.train={source: synthroad, split: train, num: 8, seed: 0, height: 64, width: 128}",
+    "data.outliers={source: synthroad, num: 4, seed: 0, height: 64, width: 128}",
+    "data.validation={}",
+    "data.crop_size=[64, 128]",
+    "data.num_workers=0",
+    "stage1.batch_size=2",
+    "stage2.batch_size=2",
+    "training.logging_steps=1",
+    "training.checkpoint_steps=0",
+    "training.eval_steps=0",
+]
+ANOMALY_SPLIT = "data.validation.anomaly={source: synthroad, split: anomaly, num: 2, seed: 1, height: 64, width: 128}"
+
+
+def tiny_config(*overrides: str):
+    """The packaged synthroad training config with `TINY_TRAINING` and then `overrides` applied."""
+    from mask2anomaly_training.config import load_config
+
+    return load_config("synthroad", [*TINY_TRAINING, *overrides])
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def synthroad_eval_setup(root: Path, num_images: int, seed: int = 3):
+    """A small SynthRoad anomaly split (64x128) in ``root/synthroad`` and a random tiny model (seed 0) with a
+    small-size processor saved in ``root/model``, for the evaluation tests:
+    ``(data_dir, model, processor, image_paths, label_arrays)``."""
     from PIL import Image
 
     from mask2anomaly_training.synthroad import main as synthroad_main
@@ -101,3 +131,4 @@ def synthroad_eval_setup(root: Path, num_images: int, seed: int):
     images = sorted((data / "images").glob("*.png"))
     labels = [np.array(Image.open(data / "labels" / p.name)) for p in images]
     return data, model, processor, images, labels
+

@@ -65,6 +65,8 @@ class DataSettings:
     color_jitter: bool = True
     outlier_probability: float = 0.2
     num_workers: int = 2
+    # read every training image and label once before step 1 (sizes, truncated files, label values), naming a bad file
+    check_data: bool = True
 
 
 @dataclass

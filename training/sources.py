@@ -8,9 +8,16 @@ in `data` (Cityscapes, COCO, folders) and `synthroad`.
 from __future__ import annotations
 
 import inspect
+import io
 from collections.abc import Mapping
 from typing import Any
 
+import datasets
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mask2anomaly_eval.io import read_label_png
 from modeling_mask2anomaly import OUTLIER_LABEL
 from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
 
@@ -52,18 +59,64 @@ def load_source(spec: Mapping[str, Any], outliers: bool = False, where: str = "d
     return reader(**arguments)
 
 
-def stage_data(config: TrainingConfig, stage: int, processor: Mask2AnomalyImageProcessor | None = None
-               ) -> tuple[Any, Any, dict[str, Any]]:
+class TrainingDataError(ValueError):
+    """A training image or label that cannot be trained on; the message names the file."""
+
+
+def _open_encoded(value: Mapping[str, Any]) -> Image.Image:
+    return Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+
+
+def check_road_data(road: Any, num_labels: int, extra_labels: tuple[int, ...], where: str = "data.train") -> int:
+    """Read every image and label of a road source (columns ``image``, ``label``) once, before training, and raise
+    `TrainingDataError` naming the first bad file: an image or label that cannot be decoded (truncated, not an
+    image), a label whose size differs from its image's, or label values other than the class ids
+    ``0..num_labels-1`` and `extra_labels` (the outlier and ignore values). Returns the number of items checked."""
+    raw = road.cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Image(decode=False))
+    allowed = np.array([*range(num_labels), *extra_labels], dtype=np.int64)
+    for index, item in enumerate(tqdm(raw, desc=f"checking {where}", unit="image", leave=False)):
+        names = {key: item[key].get("path") or f"{where} item {index} ({key})" for key in ("image", "label")}
+        try:
+            with _open_encoded(item["image"]) as image:
+                image.load()
+                size = image.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise TrainingDataError(f"{names['image']}: cannot read the training image ({error})") from None
+        try:
+            with _open_encoded(item["label"]) as opened:
+                label = read_label_png(opened, name=names["label"])
+        except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+            raise TrainingDataError(f"{names['label']}: cannot read the training label ({error})") from None
+        except ValueError as error:
+            raise TrainingDataError(str(error)) from None
+        if label.shape != (size[1], size[0]):
+            raise TrainingDataError(f"{names['label']}: the label is {label.shape[1]}x{label.shape[0]} but its image "
+                                    f"{names['image']} is {size[0]}x{size[1]}; expected the same size")
+        values = np.unique(label).astype(np.int64)
+        bad = values[~np.isin(values, allowed)]
+        if bad.size:
+            raise TrainingDataError(
+                f"{names['label']}: label values {sorted(bad.tolist())[:10]} are not class ids 0..{num_labels - 1} "
+                f"nor {', '.join(map(str, extra_labels))} (outlier, ignore)")
+    return len(raw)
+
+
+def stage_data(config: TrainingConfig, stage: int, processor: Mask2AnomalyImageProcessor | None = None,
+               num_labels: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """The augmented training set of `stage` (outliers pasted when the stage uses outlier exposure), its
     `TrainTransform` (see `training_dataset`) and the validation splits.
 
     Pasted pixels get `processor.outlier_label`, the value the collator turns into `outlier_labels`; without a
-    processor, the one `config.processor` describes (`OUTLIER_LABEL` unless it sets `outlier_label`).
+    processor, the one `config.processor` describes (`OUTLIER_LABEL` unless it sets `outlier_label`). With
+    `num_labels` and ``data.check_data``, every training image and label is checked first (`check_road_data`).
     """
     settings = config.stage(stage)
     outlier_label = (processor.outlier_label if processor is not None
                      else int(config.processor.get("outlier_label", OUTLIER_LABEL)))
     road = load_source(config.data.train, where="data.train")
+    if num_labels is not None and config.data.check_data:
+        ignore = processor.ignore_index if processor is not None else 255
+        check_road_data(road, num_labels, (outlier_label, ignore), where="data.train")
     outliers = None
     if settings.outlier_exposure:
         if config.data.outliers is None:

@@ -22,9 +22,11 @@ so a run gives the same batches whatever the number of processes.
 
 Exact resumption: batches are drawn by a sampler that is a pure function of (seed, epoch, step), every
 augmentation draws from a generator seeded by (seed, epoch, image index) (`transforms.sample_rng`), the data loader's workers do
-not touch the global random state, and checkpoints (`accelerator.save_state`: weights, optimizer, scheduler,
-step, every random generator) are written to a temporary folder that is renamed when complete. A run killed at
-any point and restarted with ``--resume`` therefore continues exactly as if it had never stopped.
+not touch the global random state, and checkpoints (`checkpoint.save_checkpoint`: weights, optimizer, scheduler,
+step, every random generator; safetensors, JSON and weights-only torch files, nothing that is unpickled) are
+written to a temporary folder that is renamed when complete. A run killed at any point and restarted with
+``--resume`` therefore continues exactly as if it had never stopped; a damaged checkpoint stops the run naming the
+file and the previous checkpoint.
 
 The output folder is a `save_pretrained` model folder with its image processor, `training_config.yaml` (the
 resolved configuration and command) and `eval_results.json`.
@@ -57,7 +59,9 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from transformers.utils import logging as hf_logging
 
-from .checkpoint import TrainingProgress, resolve_resume, save_checkpoint
+from modeling_mask2anomaly.atomic_io import write_files_atomically
+
+from .checkpoint import CheckpointError, TrainingProgress, load_checkpoint, resolve_resume, save_checkpoint
 from .collate import TrainingCollator
 from .config import TrainingConfig, is_override, load_config
 from .evaluation import evaluate_anomaly
@@ -73,7 +77,7 @@ from .loop import (
 from .model import build_model, freeze_backbone, set_train_mode
 from .optim import parameter_groups, poly_schedule
 from .sampling import micro_batches
-from .sources import stage_data
+from .sources import TrainingDataError, stage_data
 
 logger = get_logger(__name__)
 
@@ -125,18 +129,17 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
         freeze_backbone(model)
 
     with accelerator.main_process_first():  # the first process builds the `datasets` caches, the others reuse them
-        dataset, transform, validation = stage_data(config, stage, processor)
+        dataset, transform, validation = stage_data(config, stage, processor, num_labels=model.config.num_labels)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.learning_rate)
     scheduler = poly_schedule(optimizer, settings.max_steps, settings.poly_power)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is not prepared: accelerate would step it once per process. It is checkpointed as is.
     progress = TrainingProgress(stage=stage, max_steps=settings.max_steps)
-    accelerator.register_for_checkpointing(scheduler, progress)
 
     start = resolve_resume(resume, checkpoint_dir)
     if start is not None:
-        accelerator.load_state(str(start))
+        load_checkpoint(accelerator, start, model, optimizer, scheduler, progress)
         if progress.stage != stage or progress.max_steps != settings.max_steps:
             raise ValueError(f"checkpoint {start} belongs to stage {progress.stage} with max_steps "
                              f"{progress.max_steps}; this run is stage {stage} with max_steps {settings.max_steps}")
@@ -198,18 +201,23 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
             logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in log.items()),
                         main_process_only=True)
         if run.checkpoint_steps and progress.step % run.checkpoint_steps == 0:
-            save_checkpoint(accelerator, checkpoint_dir, progress.step, run.save_total_limit)
+            save_checkpoint(accelerator, checkpoint_dir, progress.step, run.save_total_limit, model, optimizer,
+                            scheduler, progress)
     bar.close()
 
     final = run_evaluation()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
-        with open(output_dir / EVAL_RESULTS_NAME, "w", encoding="utf-8") as handle:
-            json.dump({"stage": stage, "step": progress.step, "final": final, "history": progress.history},
-                      handle, indent=2)
+        results = {"stage": stage, "step": progress.step, "final": final, "history": progress.history}
+
+        def write_model_folder(staging: Path) -> None:
+            unwrapped.save_pretrained(staging)
+            processor.save_pretrained(staging)
+            (staging / EVAL_RESULTS_NAME).write_text(json.dumps(results, indent=2), encoding="utf-8")
+
+        # staged and renamed file by file, config.json last: a kill never leaves a half-written file
+        write_files_atomically(output_dir, write_model_folder, last=("config.json",))
         logger.info(f"wrote the model to {output_dir}" + (f"; {final}" if final else ""), main_process_only=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -271,8 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     command = " ".join(["mask2anomaly-train", *(sys.argv[1:] if argv is None else argv)])
-    train(config, args.output_dir, stage=args.stage, max_steps=args.max_steps, resume=args.resume,
-          init_from=args.init_from, checkpoint_dir=args.checkpoint_dir, command=command)
+    try:
+        train(config, args.output_dir, stage=args.stage, max_steps=args.max_steps, resume=args.resume,
+              init_from=args.init_from, checkpoint_dir=args.checkpoint_dir, command=command)
+    except (CheckpointError, TrainingDataError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0
 
 

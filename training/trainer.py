@@ -143,7 +143,7 @@ def build_trainer(config: TrainingConfig, output_dir: str | os.PathLike, stage: 
     model, processor = build_model(config, init_from)
     if settings.freeze_backbone:
         freeze_backbone(model)
-    train_dataset, transform, validation = stage_data(config, stage, processor)
+    train_dataset, transform, validation = stage_data(config, stage, processor, num_labels=model.config.num_labels)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.learning_rate)
     scheduler = poly_schedule(optimizer, max_steps, settings.poly_power)

@@ -7,12 +7,12 @@ evaluate's calling conventions while running as fast as the core metrics.
 """
 
 import os
-import pickle
 import time
 from typing import Any, Dict, List, Optional
 
 import datasets
 import evaluate
+import numpy as np
 from mask2anomaly_eval.metrics import (
     PIXEL_MODES,
     TRACK_SIZE_THRESHOLDS,
@@ -242,9 +242,34 @@ class AnomalySegmentation(evaluate.Metric):
         return evaluate_two_pass(lambda: iter(frames), **options)
 
     # ---- several processes (num_process > 1): each writes its accumulators, process 0 merges them ----
+    # The shards are plain numpy arrays (``np.savez``, read back with ``allow_pickle=False``): a file planted in the
+    # cache folder can at worst give wrong numbers or an error, never run code.
 
     def _shard_path(self, process_id: int) -> str:
-        return os.path.join(self.data_dir, f"{self.experiment_id}-{self.num_process}-{process_id}.m2a.pkl")
+        return os.path.join(self.data_dir, f"{self.experiment_id}-{self.num_process}-{process_id}.m2a.npz")
+
+    def _write_shard(self, path: str) -> None:
+        arrays = {f"pixel.{key}": value for key, value in self._pixel.state_dict().items()}
+        if self._component is not None:
+            arrays.update({f"component.{key}": value for key, value in self._component.state_dict().items()})
+        with open(path + ".tmp", "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(path + ".tmp", path)  # atomic: process 0 never reads a partial file
+
+    def _read_shard(self, path: str) -> tuple:
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+            pixel = PixelMetricAccumulator.from_state_dict(
+                {key[len("pixel."):]: value for key, value in arrays.items() if key.startswith("pixel.")},
+                cast_float16=self._defaults["cast_float16"],
+            )
+            component_state = {key[len("component."):]: value for key, value in arrays.items()
+                               if key.startswith("component.")}
+            component = ComponentMetricAccumulator.from_state_dict(component_state) if component_state else None
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+            raise ValueError(f"{path}: not a shard of this metric's processes ({error})") from None
+        return pixel, component
 
     def _compute_distributed(self, given: List[tuple], options: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         if any(options[key] != self._defaults[key] for key in _OPTIONS):
@@ -257,10 +282,7 @@ class AnomalySegmentation(evaluate.Metric):
             )
         for prediction, reference in given:
             self._stream(prediction, reference)
-        path = self._shard_path(self.process_id)
-        with open(path + ".tmp", "wb") as handle:
-            pickle.dump((self._pixel, self._component), handle)
-        os.replace(path + ".tmp", path)  # atomic: process 0 never reads a partial file
+        self._write_shard(self._shard_path(self.process_id))
         if self.process_id != 0:
             return None
         paths = [self._shard_path(i) for i in range(self.num_process)]
@@ -272,8 +294,7 @@ class AnomalySegmentation(evaluate.Metric):
             time.sleep(0.05)
         shards = []
         for shard_path in paths:
-            with open(shard_path, "rb") as handle:
-                shards.append(pickle.load(handle))
+            shards.append(self._read_shard(shard_path))
             os.remove(shard_path)
         pixel = merge_accumulators([shard[0] for shard in shards])
         if pixel.num_images == 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -182,6 +183,28 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# detectron2 configs nest a few levels (MODEL.SEM_SEG_HEAD.X); anything deeper is refused before it is walked
+MAX_YAML_DEPTH = 32
+
+
+def _nesting_depth(value: Any) -> int:
+    """How deeply `value` nests mappings and lists (iteratively: a hostile file cannot exhaust the stack here)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_YAML_DEPTH:
+            return depth
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def load_detectron2_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Parse a detectron2 YAML file safely and resolve its `_BASE_` chain (relative to the including file,
     `~` expanded), returning the merged mapping without defaults."""
@@ -194,8 +217,14 @@ def load_detectron2_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ())
     try:
         with open(path, encoding="utf-8") as handle:
             data = yaml.load(handle, Loader=_InertTagLoader)  # noqa: S506 - a SafeLoader subclass
+        depth = _nesting_depth(data)
     except yaml.YAMLError as error:
         raise Detectron2ConfigError(f"{path} is not valid YAML: {error}") from None
+    except RecursionError:
+        depth = None
+    if depth is None or depth > MAX_YAML_DEPTH:
+        raise Detectron2ConfigError(f"{path} nests mappings/lists more than {MAX_YAML_DEPTH} levels deep; a "
+                                    f"detectron2 config needs a handful")
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -437,6 +466,16 @@ def config_from_detectron2(cfg: Detectron2Config) -> Mask2AnomalyConfig:
     decoder_name = cfg.get("MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME")
     # The refinement classes are hard-coded as train ids 2..10 in the official `semantic_inference`.
     refine_ids = [i for i in CITYSCAPES_REFINE_CLASS_IDS if i < num_classes]
+    try:
+        return _mask2anomaly_config(cfg, backbone, names, decoder_name, dataset, refine_ids)
+    except ValueError as error:  # a value the model cannot be built with (0 queries, heads not dividing the width)
+        if isinstance(error, Detectron2ConfigError):
+            raise
+        raise Detectron2ConfigError(f"{cfg.source}: {error}") from None
+
+
+def _mask2anomaly_config(cfg: Detectron2Config, backbone: Any, names: tuple[str, ...], decoder_name: str,
+                         dataset: str, refine_ids: list[int]) -> Mask2AnomalyConfig:
     config = Mask2AnomalyConfig(
         backbone_config=backbone,
         feature_size=_as_int(cfg, "MODEL.SEM_SEG_HEAD.CONVS_DIM"),
@@ -501,6 +540,10 @@ def preprocessing_from_detectron2(cfg: Detectron2Config) -> TestTimePreprocessin
     std = [float(v) for v in _as_list(cfg, "MODEL.PIXEL_STD")]
     if len(mean) != 3 or len(std) != 3:
         raise cfg.error("MODEL.PIXEL_MEAN", mean, f"expected 3 values each for PIXEL_MEAN and PIXEL_STD (std={std})")
+    if not all(math.isfinite(v) for v in mean):
+        raise cfg.error("MODEL.PIXEL_MEAN", mean, "expected 3 finite numbers")
+    if not all(math.isfinite(v) and v > 0 for v in std):
+        raise cfg.error("MODEL.PIXEL_STD", std, "expected 3 positive finite numbers (pixels are divided by them)")
     bgr = _input_is_bgr(cfg)
     if bgr:
         mean, std = mean[::-1], std[::-1]
@@ -510,6 +553,11 @@ def preprocessing_from_detectron2(cfg: Detectron2Config) -> TestTimePreprocessin
         min_size = min_size[0] if len(min_size) == 1 else min_size
     if not isinstance(min_size, int) or isinstance(min_size, bool):
         raise cfg.error("INPUT.MIN_SIZE_TEST", min_size, "expected one integer")
+    if min_size < 1:
+        raise cfg.error("INPUT.MIN_SIZE_TEST", min_size, "expected a positive number of pixels")
+    if _as_int(cfg, "INPUT.MAX_SIZE_TEST") < min_size:
+        raise cfg.error("INPUT.MAX_SIZE_TEST", cfg.get("INPUT.MAX_SIZE_TEST"), f"expected at least MIN_SIZE_TEST "
+                        f"({min_size})")
     divisibility = _as_int(cfg, "MODEL.MASK_FORMER.SIZE_DIVISIBILITY")
     if divisibility < 0:
         # MaskFormer then asks the backbone: detectron2's ResNet needs no padding, D2SwinTransformer 32

@@ -3,8 +3,12 @@ beside its destination and moved into place only when complete."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -61,18 +65,66 @@ def _use_default_permissions(folder: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
-def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
-    """Move a finished staging folder to `output_dir`; an existing folder is replaced only with `overwrite`,
-    and only once the new one is complete."""
-    if output_dir.exists() and not overwrite:
+def check_replaceable(output_dir: Path, overwrite: bool) -> None:
+    """ConversionError unless `output_dir` may be written: it does not exist, or `overwrite` is given and it is an
+    empty folder or a Mask2Anomaly model folder (a config.json whose model_type is ``mask2anomaly``). `--overwrite`
+    never deletes a folder of anything else (a home folder, a dataset) by mistake."""
+    if not output_dir.exists() and not output_dir.is_symlink():
+        return
+    if not overwrite:
         raise ConversionError(f"{output_dir} already exists; pass --overwrite to replace it")
-    retired = None
-    if output_dir.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-        os.replace(output_dir, retired / output_dir.name)
+    if output_dir.is_symlink() or not output_dir.is_dir():
+        raise ConversionError(f"{output_dir} is not a folder; --overwrite only replaces a Mask2Anomaly model folder")
+    if not any(output_dir.iterdir()):
+        return
+    try:
+        model_type = json.loads((output_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != Mask2AnomalyConfig.model_type:
+        raise ConversionError(f"{output_dir} is not a Mask2Anomaly model folder (no config.json with model_type "
+                              f"{Mask2AnomalyConfig.model_type!r}); --overwrite replaces only those, so nothing was "
+                              f"deleted: choose another --output-dir")
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where it is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # old kernel or a file system without it
+        return False
+    raise OSError(error, os.strerror(error), os.fspath(second))
+
+
+def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
+    """Move a finished staging folder to `output_dir`; an existing folder is replaced only with `overwrite` (and
+    only a model folder, see `check_replaceable`), and only once the new one is complete. The replacement swaps
+    the two folders atomically where the system can (there is always a complete `output_dir`), else renames the
+    old one away first; the old one is deleted last."""
+    check_replaceable(output_dir, overwrite)
+    if not output_dir.exists():
+        os.replace(staging, output_dir)
+        return
+    if _exchange(staging, output_dir):
+        shutil.rmtree(staging, ignore_errors=True)  # it now holds the old folder
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+    os.replace(output_dir, retired / output_dir.name)
     os.replace(staging, output_dir)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def convert_checkpoint(
@@ -91,8 +143,7 @@ def convert_checkpoint(
     d2_cfg = Detectron2Config.from_file(config_path)
     config = config_from_detectron2(d2_cfg)
     preprocessing = preprocessing_from_detectron2(d2_cfg)
-    if output_dir.exists() and not overwrite:
-        raise ConversionError(f"{output_dir} already exists; pass --overwrite to replace it")
+    check_replaceable(output_dir, overwrite)
     source = load_official_state_dict(checkpoint_path)
     model = _empty_model(config)
     converted = convert_state_dict(source, target_specs(model), config, input_is_bgr=preprocessing.input_is_bgr)

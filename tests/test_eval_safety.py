@@ -57,7 +57,7 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
 def test_output_folder_is_checked_before_evaluating(setup, tmp_path, capsys, monkeypatch):
     root, data = setup
     evaluated = []
-    monkeypatch.setattr(run_module, "evaluate", lambda *args, **kwargs: evaluated.append(args))
+    monkeypatch.setattr(run_module, "evaluate_scorers", lambda *args, **kwargs: evaluated.append(args))
     a_file = tmp_path / "a-file"
     a_file.write_text("results go elsewhere")
     for out, message in ((a_file, "is a file; expected a folder"), (a_file / "sub", "cannot write into")):

@@ -121,7 +121,7 @@ def evaluate_rows(runs: dict[str, Path], splits: dict[str, Path], results_dir: P
             out = results_dir / f"row{index}_{split}"
             _run([_bin("mask2anomaly-eval"), "--model", str(runs[run]), "--benchmark", "synthroad",
                   "--data-dir", str(folder), "--output-dir", str(out), "--scorer", "mask2anomaly", *flags])
-            metrics = json.loads((out / "synthroad.json").read_text())["metrics"]
+            metrics = json.loads((out / f"synthroad-{split}.json").read_text())["metrics"]
             row[split] = {key: metrics[key] for key in ("auprc", "fpr95", "auroc")}
         rows.append(row)
     return rows

@@ -13,6 +13,8 @@ finder, label convention, default track) and a test that builds a small tree in 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -22,6 +24,7 @@ from transformers.utils import logging
 
 from .io import read_label_png
 from .metrics import Track
+from mask2anomaly_training.synthroad.labels import METADATA_NAME
 from modeling_mask2anomaly.image_processing_mask2anomaly import IMAGE_EXTENSIONS
 
 
@@ -104,7 +107,8 @@ def streethazards_labels(raw: np.ndarray, path: Path) -> np.ndarray:
 class AnomalyBenchmark:
     """The labelled images of a benchmark folder; iterating yields :class:`BenchmarkFrame` (label read lazily).
 
-    ``track`` is the component-metric track the benchmark is evaluated with (``"obstacle"`` for RoadObstacle21).
+    ``track`` is the component-metric track the benchmark is evaluated with (``"obstacle"`` for RoadObstacle21);
+    ``split`` the split the folder holds, for benchmarks with several (SynthRoad's ``anomaly`` / ``obstacle``).
     """
 
     name: str
@@ -115,6 +119,7 @@ class AnomalyBenchmark:
     skip_without_anomaly: bool = False
     # images of the folder left out because they have no label file (reported, never evaluated)
     unlabelled: list[Path] = field(default_factory=list)
+    split: str | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -151,6 +156,9 @@ class BenchmarkReader:
         labels: the label convention, ``(raw label array, label path) -> uint8 0 / 1 / 255``.
         track: the component-metric track it is evaluated with (size thresholds).
         skip_without_anomaly: the benchmark leaves out frames without anomaly pixels (StreetHazards).
+        split_of: ``root -> split name or None``, for a benchmark whose folders hold one of several splits
+            (SynthRoad); the split names the results and may imply the track (`split_tracks`).
+        split_tracks: the track of a split, where it is not `track`.
     """
 
     name: str
@@ -160,6 +168,22 @@ class BenchmarkReader:
     labels: Callable[[np.ndarray, Path], np.ndarray]
     track: Track = "anomaly"
     skip_without_anomaly: bool = False
+    split_of: Callable[[Path], str | None] | None = None
+    split_tracks: Mapping[str, Track] = field(default_factory=dict)
+
+
+def _synthroad_split(root: Path) -> str | None:
+    """The split a SynthRoad folder holds: from its `METADATA_NAME` file, else its name when that is a test
+    split (``data/synthroad/obstacle``), else None."""
+    metadata = root / METADATA_NAME
+    if metadata.is_file():
+        try:
+            split = json.loads(metadata.read_text(encoding="utf-8")).get("split")
+        except (OSError, ValueError, AttributeError) as err:
+            raise FileNotFoundError(f"{metadata} is not the JSON object mask2anomaly-synthroad writes ({err})") from None
+        if isinstance(split, str):
+            return split
+    return root.name if root.name in ("anomaly", "obstacle") else None
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -258,6 +282,7 @@ BENCHMARKS: dict[str, BenchmarkReader] = {reader.name: reader for reader in (
         "SynthRoad (this project's synthetic set): DIR/images/<stem>.png and DIR/labels/<stem>.png; 0 inlier, "
         "1 anomaly, 255 void",
         _paired_folders(("images",), ("labels",)), binary_void_labels,
+        split_of=_synthroad_split, split_tracks={"obstacle": "obstacle"},
     ),
 )}
 
@@ -265,7 +290,8 @@ BENCHMARKS: dict[str, BenchmarkReader] = {reader.name: reader for reader in (
 def get_benchmark(name: str, data_dir: str | Path, track: Track | None = None) -> AnomalyBenchmark:
     """The labelled images of benchmark ``name`` in ``data_dir`` (layouts in :data:`BENCHMARKS`).
 
-    ``track`` overrides the benchmark's component-metric track (e.g. ``"obstacle"`` for SynthRoad's obstacle split).
+    ``track`` overrides the benchmark's component-metric track, which is the split's where the folder holds a split
+    with its own track (SynthRoad's obstacle split: ``"obstacle"``).
     Raises ``ValueError`` for an unknown name and ``FileNotFoundError`` naming the path and the expected layout when
     a folder is missing or holds no labelled image.
     """
@@ -286,10 +312,12 @@ def get_benchmark(name: str, data_dir: str | Path, track: Track | None = None) -
                        f"test frames, or missing labels), e.g. {unlabelled[0]}")
     if not pairs:
         raise FileNotFoundError(f"{name}: no labelled image found in {root}; expected layout: {layout.description}")
+    split = layout.split_of(root) if layout.split_of is not None else None
     return AnomalyBenchmark(
         name=name,
         data_dir=root,
-        track=track or layout.track,
+        track=track or layout.split_tracks.get(split or "", layout.track),
+        split=split,
         pairs=pairs,
         convert=layout.labels,
         skip_without_anomaly=layout.skip_without_anomaly,

@@ -14,7 +14,7 @@ the number of pixels and the numbers do not depend on the number of processes (e
 
 Component metrics (``--components``: sIoU, PPV, mean F1 as SegmentMeIfYouCan defines them) are scored at the best-F1
 threshold of the pooled pixel curve (or at ``--anomaly-threshold``); the track (component size thresholds) is the
-benchmark reader's: ``obstacle`` for RoadObstacle21, ``anomaly`` otherwise.
+benchmark reader's: ``obstacle`` for RoadObstacle21 and SynthRoad's obstacle split, ``anomaly`` otherwise.
 
 Items that cannot be evaluated (unreadable image or label, label values other than 0/1/255, label size different
 from the image's, a label above PIL's pixel limit; a label's failure is reported under the label's path) are
@@ -22,10 +22,12 @@ reported with the reason and skipped; the run goes on and exits with status 1 at
 file are left out and listed (``unlabelled`` in the JSON). The output folder is checked for writing before the
 evaluation starts; if writing the results fails anyway (a disk that filled up meanwhile), they are printed as JSON.
 
-Outputs in ``--output-dir``, each written atomically, with ``<stem>`` = ``<benchmark>`` (``<benchmark>-<scorer>``
-per scorer with ``--anomaly-scorer all``, which scores every registered scorer from one pass over the frames):
+Outputs in ``--output-dir``, each written atomically, with ``<stem>`` = ``<benchmark>[-<split>]`` (the split is the
+folder's for benchmarks with several, e.g. ``synthroad-obstacle``), and ``-<scorer>`` appended per scorer with
+``--anomaly-scorer all``, which scores every registered scorer from one pass over the frames:
 
-- ``<stem>.json``: metrics as fractions, model, benchmark, options, image counts, failures, timing, the per-image
+- ``<stem>.json``: metrics as fractions, model, benchmark, split, track, options, image counts and whether
+  ``--limit`` cut them, failures, timing, the per-image
   rows and, with ``--bootstrap N``, 95 % percentile intervals from ``N`` seeded resamples of the images;
 - ``<stem>.md``: a markdown report (metrics table, intervals, the pictures and tables below);
 - ``<stem>_per_image.csv``: per image its score statistics, anomalous area and per-image AuPRC/FPR95/AUROC;
@@ -53,12 +55,12 @@ from accelerate import PartialState
 from accelerate.logging import get_logger
 
 from modeling_mask2anomaly.atomic_io import check_writable_folder, write_text_atomically
-from modeling_mask2anomaly.inference import load_model_and_processor
+from modeling_mask2anomaly.inference import ModelNotFoundError, load_model_and_processor
 from modeling_mask2anomaly.scorers import ANOMALY_SCORERS
 
-from .datasets import BENCHMARKS, get_benchmark
+from .cli import build_parser, main  # noqa: F401  (main: `python -m mask2anomaly_eval.run`)
+from .datasets import BENCHMARKS, AnomalyBenchmark, get_benchmark
 from .loop import COMPONENT_METRICS, PIXEL_METRICS, evaluate_scorers
-from .metrics import TRACK_SIZE_THRESHOLDS
 
 logger = get_logger(__name__)
 
@@ -76,9 +78,12 @@ def results_markdown(record: Mapping[str, Any]) -> str:
             value = record["metrics"][key]
             values.append("–" if value is None else f"{100 * value:.2f}")
     lines = [
-        f"### {record['benchmark_name']} — `{record['model']}`",
+        f"### {record['benchmark_name']}" + (f" ({record['split']} split)" if record.get("split") else "")
+        + f" — `{record['model']}`",
         "",
-        f"{record['num_images']} of {record['num_items']} images, mode `{options['mode']}`, flip TTA "
+        (f"Limited by --limit {record['limit']} to the first {record['num_items']} of {record['num_available']} "
+         "images. " if record.get("limited") else "")
+        + f"{record['num_images']} of {record['num_items']} images, mode `{options['mode']}`, flip TTA "
         f"{'on' if options['flip_tta'] else 'off'}, refinement {'on' if options['refine'] else 'off'}, scorer "
         f"`{options['scorer']}`" + (f", {options['track']} track" if options["components"] else "") + "; values in %.",
         "",
@@ -92,13 +97,32 @@ def results_markdown(record: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def result_record(args: argparse.Namespace, benchmark: AnomalyBenchmark, result: Mapping[str, Any]) -> dict[str, Any]:
+    """What a results file holds: the model, the benchmark and its split, the track, how many of the benchmark's
+    images were evaluated and whether ``--limit`` cut them short, then `evaluate`'s result (metrics, options,
+    counts, failures, timing, per-image rows; not the curve points and heatmap sources, which go to their files)."""
+    return {"model": args.model, "benchmark": args.benchmark, "benchmark_name": BENCHMARKS[args.benchmark].title,
+            "split": benchmark.split, "track": benchmark.track, "data_dir": os.path.abspath(args.data_dir),
+            "mode": args.mode, "num_available": len(benchmark), "limit": args.limit,
+            "limited": args.limit is not None and args.limit < len(benchmark),
+            **{key: value for key, value in result.items() if key not in ("curve", "extreme_images")},
+            "unlabelled": [os.fspath(path) for path in benchmark.unlabelled]}
+
+
+def results_stem(record: Mapping[str, Any], scorer: str | None = None) -> str:
+    """The results files' name: the benchmark, its split where it has one (``synthroad-obstacle``), so that the
+    splits of one benchmark do not overwrite each other, and the scorer with ``--anomaly-scorer all``."""
+    return (record["benchmark"] + (f"-{record['split']}" if record.get("split") else "")
+            + (f"-{scorer}" if scorer else ""))
+
+
 def write_results(record: Mapping[str, Any], output_dir: str | os.PathLike, stem: str | None = None,
                   extra_markdown: str = "") -> tuple[Path, Path]:
-    """Write ``<stem>.json`` and ``<stem>.md`` (stem: the benchmark name) into ``output_dir`` (atomically);
+    """Write ``<stem>.json`` and ``<stem>.md`` (default stem: `results_stem`) into ``output_dir`` (atomically);
     return their paths. ``extra_markdown`` is appended to the report (the files section)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or record["benchmark"]
+    stem = stem or results_stem(record)
     json_path = output_dir / f"{stem}.json"
     markdown_path = output_dir / f"{stem}.md"
     write_text_atomically(json_path, json.dumps(record, indent=2, allow_nan=False) + "\n")
@@ -174,48 +198,6 @@ def write_figures(result: Mapping[str, Any], output_dir: Path, stem: str, title:
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mask2anomaly-eval",
-        description="Evaluate a Mask2Anomaly model on an anomaly-segmentation benchmark (AuPRC, FPR95, AUROC and "
-                    "optionally SegmentMeIfYouCan component metrics). Multi-process with `accelerate launch`.")
-    parser.add_argument("--model", help="model folder or Hub id (required unless --compare)")
-    parser.add_argument("--benchmark", help="benchmark name (e.g. smiyc_ra21, fs_lostandfound, road_anomaly, "
-                        "synthroad; required unless --compare)")
-    parser.add_argument("--data-dir", help="the benchmark's local folder, in its official layout (required unless "
-                        "--compare)")
-    parser.add_argument("--output-dir", default="outputs/eval",
-                        help="receives <benchmark>.json, .md, the per-image CSV and the curves (default: %(default)s)")
-    parser.add_argument("--compare", nargs="+", metavar="JSON", default=None,
-                        help="instead of evaluating: one table (comparison.md, comparison.csv) of these result "
-                             "records, models x benchmarks x scorers")
-    parser.add_argument("--mode", choices=("exact", "smiyc"), default="exact",
-                        help="pixel metrics: exact (scikit-learn values) or smiyc (the benchmark's binned curve; "
-                             "default: %(default)s)")
-    parser.add_argument("--components", action="store_true", help="also compute sIoU, PPV and mean F1")
-    parser.add_argument("--track", choices=tuple(TRACK_SIZE_THRESHOLDS), default=None,
-                        help="component track (size thresholds); default: the benchmark's (obstacle for smiyc_ro21), "
-                             "e.g. obstacle for SynthRoad's obstacle split")
-    parser.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
-    parser.add_argument("--no-refine", action="store_true", help="disable mask refinement")
-    parser.add_argument("--anomaly-scorer", "--scorer", dest="anomaly_scorer", choices=ANOMALY_SCORERS + ("all",),
-                        default=None, help="anomaly scorer; 'all' scores every registered scorer from one pass over "
-                                           "the frames (default: the processor's anomaly_scorer)")
-    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                        help="95%% intervals from N resamples of the images (0: none; default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default: %(default)s)")
-    parser.add_argument("--visualize", type=int, default=0, metavar="K",
-                        help="heatmaps of the K worst and K best images by per-image AuPRC (default: %(default)s)")
-    parser.add_argument("--no-curves", action="store_true", help="do not write the PR/ROC curve PNGs and CSV")
-    parser.add_argument("--anomaly-threshold", type=float, default=None,
-                        help="with --components: score components at score > THRESHOLD instead of the pixel "
-                             "curve's best-F1 threshold (the official protocol)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (default: all)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is available")
-    return parser
-
-
 def _has_accelerator() -> bool:
     # accelerate only sets up a multi-process CPU group (gloo) when told cpu=True; without it, processes started by
     # `accelerate launch --multi_gpu` / torchrun on a machine with no accelerator would each run alone.
@@ -247,10 +229,9 @@ def run_compare(paths: Sequence[str], output_dir: str | os.PathLike) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `mask2anomaly-eval`; returns 0, or 1 when some items failed (2 for usage errors)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The command once its arguments are parsed (`cli.build_parser`) and its threads set; returns 0, or 1 when
+    some items failed (2 for usage errors)."""
     if args.compare is not None:
         return run_compare(args.compare, args.output_dir)
     missing = [flag for flag, value in (("--model", args.model), ("--benchmark", args.benchmark),
@@ -279,7 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mask2anomaly-eval: {len(benchmark.unlabelled)} image(s) without a label file left out: "
               f"{', '.join(map(os.fspath, benchmark.unlabelled[:5]))}{', ...' if len(benchmark.unlabelled) > 5 else ''}",
               file=sys.stderr)
-    model, processor = load_model_and_processor(args.model, state.device)
+    try:
+        model, processor = load_model_and_processor(args.model, state.device)
+    except ModelNotFoundError as err:
+        print(f"mask2anomaly-eval: --model: {err}", file=sys.stderr)
+        return 2
     all_scorers = args.anomaly_scorer == "all"
     scorers = list(ANOMALY_SCORERS) if all_scorers else [args.anomaly_scorer or processor.anomaly_scorer]
     try:
@@ -300,13 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         json_paths = []
         for scorer, result in results.items():
-            stem = f"{args.benchmark}-{scorer}" if all_scorers else args.benchmark
+            record = result_record(args, benchmark, result)
+            stem = results_stem(record, scorer if all_scorers else None)
             title = f"{BENCHMARKS[args.benchmark].title}, {scorer}"
-            record = {"model": args.model, "benchmark": args.benchmark,
-                      "benchmark_name": BENCHMARKS[args.benchmark].title,
-                      "data_dir": os.path.abspath(args.data_dir), "mode": args.mode,
-                      **{key: value for key, value in result.items() if key not in ("curve", "extreme_images")},
-                      "unlabelled": [os.fspath(path) for path in benchmark.unlabelled]}
             try:
                 _, files_markdown = write_figures(result, output_dir, stem, title, scorer,
                                                   processor.decision_threshold(scorer))
@@ -321,14 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             json_paths.append(json_path)
             summary = ", ".join(f"{name} {100 * record['metrics'][key]:.2f}" for key, name in
                                 PIXEL_METRICS + COMPONENT_METRICS if record["metrics"].get(key) is not None)
-            print(f"{args.benchmark} ({scorer}): {record['num_images']}/{record['num_items']} images, {summary} (%) "
+            print(f"{stem} ({scorer}): {record['num_images']}/{record['num_items']} images, {summary} (%) "
                   f"in {record['timing']['total_seconds']:.1f}s -> {json_path}, {markdown_path}")
         if all_scorers:
             from .compare import compare_files, comparison_csv, comparison_markdown
 
             rows = compare_files(json_paths)
-            write_text_atomically(output_dir / f"{args.benchmark}-scorers.md", comparison_markdown(rows))
-            write_text_atomically(output_dir / f"{args.benchmark}-scorers.csv", comparison_csv(rows))
+            write_text_atomically(output_dir / f"{results_stem(record)}-scorers.md", comparison_markdown(rows))
+            write_text_atomically(output_dir / f"{results_stem(record)}-scorers.csv", comparison_csv(rows))
             print(comparison_markdown(rows), end="")
         for failure in failures:
             print(f"failed: {failure['error']}", file=sys.stderr)

@@ -120,8 +120,11 @@ def _result_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for record in records:
         options = record.get("options", {})
         row = {
-            "name": record.get("benchmark_name") or record["benchmark"],
-            "num_images": record.get("num_images", "?"),
+            "name": (record.get("benchmark_name") or record["benchmark"])
+                    + (f" ({record['split']})" if record.get("split") else ""),
+            # a run cut short by --limit says so: "10 of 50 (--limit)"
+            "num_images": (f"{record.get('num_images', '?')} of {record['num_available']} (--limit)"
+                           if record.get("limited") else record.get("num_images", "?")),
             "mode": record.get("mode", "exact"),
             "flip_tta": "yes" if options.get("flip_tta") else "no",
             "refine": "yes" if options.get("refine") else "no",

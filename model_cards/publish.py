@@ -40,14 +40,16 @@ from huggingface_hub import HfApi
 from transformers.utils import logging
 
 from .card import TRAINING_CONFIG_NAME, load_results, write_model_card
+from .cli import build_parser, main  # noqa: F401  (main: the entry point)
 
 logger = logging.get_logger(__name__)
+
+HANDLER_NAME = "handler.py"
 
 # Files whose loading unpickles: never published (safetensors is the only weight format that goes up).
 PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
 # Besides the weights and remote code, what a model folder may carry to the Hub.
 EXTRA_FILES: tuple[str, ...] = ("preprocessor_config.json", TRAINING_CONFIG_NAME, "eval_results.json")
-HANDLER_NAME = "handler.py"
 # The installed model package (found without importing it, so that --help stays light); remote code and the
 # handler are always copied from here.
 PACKAGE_DIR = Path(importlib.util.find_spec("modeling_mask2anomaly").origin).parent
@@ -307,11 +309,14 @@ def publish(
     card_kwargs: dict[str, Any] | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Assemble, check and (unless ``dry_run``) upload; returns ``{"folder", "files", "check", "url"}``.
 
-    With ``output_dir`` the folder is kept there (it must not exist or be empty; it is assembled beside it and
-    renamed into place, so it is never left half-written); otherwise it lives in a temporary folder.
+    With ``output_dir`` the folder is kept there (it must not exist or be empty, or with ``overwrite`` be an earlier
+    output, a folder with a config.json; it is assembled beside it and renamed into place, so it is never left
+    half-written, and an earlier output is replaced only once the new one is complete); otherwise it lives in a
+    temporary folder.
     """
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id):
         raise PublishError(f"--repo-id {repo_id!r}; expected ORG/NAME")
@@ -320,7 +325,12 @@ def publish(
     if output_dir is not None:
         output_dir = Path(output_dir)
         if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-            raise PublishError(f"--output-dir {output_dir} exists and is not empty; expected a new or empty folder")
+            if not overwrite:
+                raise PublishError(f"--output-dir {output_dir} exists and is not empty; expected a new or empty "
+                                   "folder (--overwrite replaces an earlier output)")
+            if not (output_dir / "config.json").is_file():
+                raise PublishError(f"--overwrite: {output_dir} has no config.json, so it is not an earlier output of "
+                                   "mask2anomaly-publish; not replacing it")
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     else:
@@ -332,6 +342,10 @@ def publish(
             check = smoke_test(scratch)
             folder = scratch
             if output_dir is not None:
+                if output_dir.is_dir() and any(output_dir.iterdir()):  # --overwrite: the earlier output goes now
+                    old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
+                    os.replace(output_dir, old / output_dir.name)
+                    shutil.rmtree(old, ignore_errors=True)
                 os.replace(scratch, output_dir)
                 folder = output_dir
         except OSError as error:  # a full disk, a folder that cannot be written: nothing is kept
@@ -350,36 +364,14 @@ def publish(
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mask2anomaly-publish",
-        description="Assemble a Mask2Anomaly model folder into a complete Hub repository (safetensors weights, "
-                    "remote code, handler, model card with results and widget examples), check that it loads "
-                    "without this package, and upload it.")
-    parser.add_argument("model_dir", help="a save_pretrained Mask2Anomaly folder")
-    parser.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
-    parser.add_argument("--results", nargs="*", default=[], help="mask2anomaly-eval JSON files for the card")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--dry-run", action="store_true", help="only write the folder (to --output-dir)")
-    parser.add_argument("--output-dir", help="keep the assembled folder here (required with --dry-run)")
-    parser.add_argument("--widget-image", action="append", default=[], help="widget example image (repeatable; "
-                        "default: two SynthRoad scenes)")
-    parser.add_argument("--handler", help=f"Inference Endpoints handler (default: the package's {HANDLER_NAME})")
-    parser.add_argument("--license", default="apache-2.0", help="license of the weights (Hub identifier)")
-    parser.add_argument("--base-model", help="Hub id of the model this one was fine-tuned from")
-    parser.add_argument("--dataset", action="append", default=[], help="Hub id of a training dataset (repeatable)")
-    parser.add_argument("--commit-message", help="commit message of the upload")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `mask2anomaly-publish`; returns 0 on success, 1 when the folder cannot be published."""
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """The command once its arguments are parsed (`cli.build_parser`)."""
     card_kwargs = {"license": args.license, "base_model": args.base_model, "datasets": args.dataset}
     try:
         outcome = publish(args.model_dir, args.repo_id, results=args.results, private=args.private,
                           dry_run=args.dry_run, output_dir=args.output_dir, widget_images=args.widget_image,
-                          handler=args.handler, card_kwargs=card_kwargs, commit_message=args.commit_message)
+                          handler=args.handler, card_kwargs=card_kwargs, commit_message=args.commit_message,
+                          overwrite=args.overwrite)
     except PublishError as err:
         print(f"mask2anomaly-publish: {err}", file=sys.stderr)
         return 1

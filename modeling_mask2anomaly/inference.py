@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -53,6 +54,88 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is neither a model folder nor a Hub id that can be loaded; the message is one line that
+    says which (a missing folder, a Hub id not in the local cache with no network, an unknown repository)."""
+
+
+#: seconds to wait for the Hub's host before saying it cannot be reached (instead of huggingface_hub's retries)
+HUB_PROBE_TIMEOUT = 5.0
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether `name` is written as a path: ``./x``, ``../x``, ``/x``, ``~/x``, ``x/`` or more than one ``/`` (a Hub
+    id is ``NAME`` or ``ORG/NAME``)."""
+    return (name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
+
+
+def _hub_reachable() -> str | None:
+    """None when the Hub's host accepts a connection within `HUB_PROBE_TIMEOUT` seconds (or a proxy is configured,
+    which decides itself), else the reason."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(key) for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as err:
+        return f"{constants.ENDPOINT} cannot be reached ({err.strerror or err})"
+    return None
+
+
+def resolve_model_source(model_name_or_path: str | os.PathLike) -> tuple[str, bool]:
+    """
+    Where `model_name_or_path` loads from, checked at once, before any download: ``(name, local_files_only)``.
+
+    A folder is taken as is (it must hold a config.json). A name written as a path that is not a folder is "folder
+    not found". A Hub id in the local cache loads from it without the network when the Hub is offline or cannot be
+    reached; one not in the cache needs the Hub, and without it (``HF_HUB_OFFLINE``, no connection) fails at once
+    instead of after huggingface_hub's retries.
+
+    Raises:
+        ModelNotFoundError: with a one-line message naming the value and what was expected.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    name = os.fspath(model_name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model folder {name} holds no config.json; expected a save_pretrained folder")
+        return str(path), True
+    if path.exists():
+        raise ModelNotFoundError(f"model {name} is a file; expected a model folder or a Hub id (ORG/NAME)")
+    if _looks_like_path(name):
+        raise ModelNotFoundError(f"model folder not found: {name}")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelNotFoundError(f"model {name!r} is neither a folder nor a Hub id (ORG/NAME of letters, digits, "
+                                 "'-', '_' and '.')") from None
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise ModelNotFoundError(f"model {name!r} is not a folder, and as a Hub id it is not in the local cache "
+                                     f"({constants.HF_HUB_CACHE}); HF_HUB_OFFLINE is set, so it cannot be downloaded")
+        return name, True
+    unreachable = _hub_reachable()
+    if unreachable is None:
+        return name, False
+    if not cached:
+        raise ModelNotFoundError(f"model {name!r} is not a folder, and as a Hub id it is not in the local cache "
+                                 f"({constants.HF_HUB_CACHE}) and {unreachable}")
+    logger.warning(f"{unreachable}; loading {name} from the local cache")
+    return name, True
+
+
 def load_model_and_processor(
     model_name_or_path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -65,19 +148,31 @@ def load_model_and_processor(
     The processor comes from preprocessor_config.json. Legacy rule: post-processing settings that an older
     config.json still carries (`config.legacy_postprocessing`) fill in only the keys that preprocessor_config.json
     lacks; a folder without preprocessor_config.json gets the official pre-processing with those settings.
+
+    Raises:
+        ModelNotFoundError: (one line, at once) for a missing folder, a Hub id that is not in the local cache when
+            the Hub cannot be reached, or a Hub id the Hub does not know (see `resolve_model_source`).
     """
-    name = os.fspath(model_name_or_path)
-    model = Mask2AnomalyForUniversalSegmentation.from_pretrained(name)
+    name, local_files_only = resolve_model_source(model_name_or_path)
+    try:
+        model = Mask2AnomalyForUniversalSegmentation.from_pretrained(name, local_files_only=local_files_only)
+    except OSError as err:
+        if local_files_only or Path(name).is_dir():
+            raise
+        # transformers' message runs over several lines; the one-line gist, with its first line for details
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotFoundError(f"model {name!r} could not be loaded from the Hub (is the id right? a private or "
+                                 f"gated model needs `hf auth login`): {first}") from err
     model = model.to(device=device, dtype=dtype).eval()
     legacy = legacy_processor_settings(model.config)
     try:
-        saved, _ = Mask2AnomalyImageProcessor.get_image_processor_dict(name)
+        saved, _ = Mask2AnomalyImageProcessor.get_image_processor_dict(name, local_files_only=local_files_only)
     except OSError:
         logger.warning(f"{name} has no preprocessor_config.json; using the official pre-processing with the "
                        f"post-processing settings of its config")
         return model, Mask2AnomalyImageProcessor.from_model_config(model.config)
     missing = {key: value for key, value in legacy.items() if key in LEGACY_PROCESSOR_KEYS and key not in saved}
-    return model, Mask2AnomalyImageProcessor.from_pretrained(name, **missing)
+    return model, Mask2AnomalyImageProcessor.from_pretrained(name, local_files_only=local_files_only, **missing)
 
 
 # ------------------------------------------------------------------------------------------------ batching
@@ -270,6 +365,7 @@ def predict_anomaly(
 __all__ = [
     "AnomalyPrediction",
     "CPU_REDUCED_PRECISION_WARNING",
+    "ModelNotFoundError",
     "batches_of_equal_size",
     "iter_predict_anomaly",
     "load_model_and_processor",
@@ -277,4 +373,5 @@ __all__ = [
     "predict_batch",
     "predict_batch_scorers",
     "resolve_device",
+    "resolve_model_source",
 ]

@@ -46,20 +46,23 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from .atomic_io import write_files_atomically
+from .cli import DTYPE_NAMES, OUTPUT_FORMATS  # noqa: F401  (OUTPUT_FORMATS: part of this module's interface)
+from .cli import build_predict_parser as build_parser  # noqa: F401
+from .cli import predict_main as main  # noqa: F401  (`python -m modeling_mask2anomaly.predict`)
 from .image_processing_mask2anomaly import IMAGE_EXTENSIONS, load_image
 from .inference import (
     AnomalyPrediction,
+    ModelNotFoundError,
     _input_placement,
     batches_of_equal_size,
     load_model_and_processor,
     predict_batch,
     resolve_device,
 )
-from .scorers import ANOMALY_SCORERS, DEFAULT_SCORER, SCORERS, get_scorer
+from .scorers import DEFAULT_SCORER, get_scorer
 from .visualize import anomaly_summary, default_score_range, render_heatmap, render_semantic
 
 OUTPUT_SUFFIXES: tuple[str, ...] = ("_anomaly.npy", "_heatmap.png", "_semantic.png")
-OUTPUT_FORMATS: tuple[str, ...] = ("default", "smiyc", "fishyscapes")
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -210,7 +213,7 @@ def summary_line(name: str, anomaly_map: np.ndarray, threshold: float, scorer: s
 # ------------------------------------------------------------------------------------------------------ model
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def check_dtype_for_device(dtype: str, device: torch.device) -> None:
@@ -225,44 +228,6 @@ def check_dtype_for_device(dtype: str, device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mask2anomaly-predict",
-        description="Anomaly maps (.npy), heatmaps and Cityscapes semantic maps (PNG) for road images.",
-    )
-    parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) and glob patterns")
-    parser.add_argument("--model", required=True, help="model folder or Hub id (loads from the cache offline)")
-    parser.add_argument("--output-dir", default="outputs/predict", help="where outputs go (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="weights and activations of the forward pass on a GPU; pre- and post-processing stay "
-                             "float32 (the CPU runs float32 only; default: %(default)s)")
-    parser.add_argument("--no-refine", action="store_true", help="turn off mask refinement by confident stuff masks")
-    parser.add_argument("--no-flip", action="store_true", help="turn off horizontal-flip test-time augmentation")
-    parser.add_argument("--no-resize", action="store_true",
-                        help="keep each image's own size (still padded to a multiple of 32)")
-    parser.add_argument("--anomaly-scorer", "--scorer", dest="anomaly_scorer", choices=ANOMALY_SCORERS, default=None,
-                        metavar="NAME", help=f"per-pixel anomaly score, one of {', '.join(ANOMALY_SCORERS)} "
-                                             "(default: the processor's anomaly_scorer)")
-    parser.add_argument("--anomaly-threshold", "--threshold", dest="anomaly_threshold", type=float, default=None,
-                        metavar="VALUE",
-                        help="anomaly decision threshold for the summary and the colour bar mark "
-                             "(default: the processor's anomaly_threshold for its own scorer, the scorer's default "
-                             "for another one: " + ", ".join(f"{name} {scorer.default_threshold:g}"
-                                                            for name, scorer in SCORERS.items()) + ")")
-    parser.add_argument("--format", choices=OUTPUT_FORMATS, default="default",
-                        help="default: .npy + heatmap + semantic PNG per image; smiyc: the SegmentMeIfYouCan kit's "
-                             "<output-dir>/anomaly_p/<method>/<dataset>/<frame>.hdf5; fishyscapes: "
-                             "<output-dir>/DDDD_anomaly.npy and DDDD_segmentation.npy for inputs DDDD_*.png "
-                             "(default: %(default)s)")
-    parser.add_argument("--method", default=None, help="with --format smiyc: the method name of the output tree")
-    parser.add_argument("--dataset", default=None,
-                        help="with --format smiyc: the kit's dataset, e.g. AnomalyTrack-test, ObstacleTrack-test, "
-                             "LostAndFound-testNoKnown")
-    return parser
 
 
 @dataclass
@@ -286,9 +251,8 @@ def _read_images(paths: Sequence[Path], stems: Sequence[str], report: Callable[[
         yield _Loaded(path, stem, image)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0: every input predicted, 1: some failed, 2: bad arguments)."""
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """The command once its arguments are parsed (`cli.build_predict_parser`) and its threads set."""
     if args.batch_size < 1:
         print(f"mask2anomaly-predict: --batch-size must be at least 1; got {args.batch_size}", file=sys.stderr)
         return 2
@@ -326,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the model first, the output folder after: a model that does not load leaves nothing behind
     try:
         model, processor = load_model_and_processor(args.model, device, DTYPES[args.dtype])
+    except ModelNotFoundError as err:
+        print(f"mask2anomaly-predict: --model: {err}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         reason = " ".join(str(err).split())[:400]
         print(f"mask2anomaly-predict: cannot load the model {args.model!r}: {reason}", file=sys.stderr)

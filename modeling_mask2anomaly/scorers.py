@@ -20,17 +20,20 @@ positive (max_logit: score > 0; energy: score > -3, about -log 19, the energy of
 the scale (0 for the bounded scorers, as officially; rba's and the logit scorers' display minimum, since 0 would be
 their most anomalous value or the middle of their scale).
 
-This file travels to the Hub as remote code: it imports only the standard library and torch.
+This file travels to the Hub as remote code: it imports only the standard library and torch. The scorers use
+tensor methods only, so that the registry's names load without torch (the command lines' ``--help`` lists them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-ScoreFunction = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+ScoreFunction = Callable[["torch.Tensor", "torch.Tensor | None", "torch.Tensor | None"], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def _mask2anomaly(class_scores: torch.Tensor, eam_sum: torch.Tensor | None,
 
 
 def _rba(class_scores: torch.Tensor, eam_sum: torch.Tensor | None, class_logits: torch.Tensor | None) -> torch.Tensor:
-    return -torch.tanh(class_scores).sum(dim=0)
+    return class_scores.tanh().sum(dim=0).neg_()
 
 
 def _eam(class_scores: torch.Tensor, eam_sum: torch.Tensor | None, class_logits: torch.Tensor | None) -> torch.Tensor:
@@ -89,6 +92,8 @@ def _eam(class_scores: torch.Tensor, eam_sum: torch.Tensor | None, class_logits:
 
 def _msp(class_scores: torch.Tensor, eam_sum: torch.Tensor | None, class_logits: torch.Tensor | None) -> torch.Tensor:
     # S_c > 0 everywhere (a sum of positive terms), the clamp only guards against underflow
+    import torch  # already loaded by whoever made the tensor
+
     total = class_scores.sum(dim=0).clamp_min(torch.finfo(class_scores.dtype).tiny)
     return 1.0 - class_scores.max(dim=0).values / total
 
@@ -100,7 +105,7 @@ def _max_logit(class_scores: torch.Tensor, eam_sum: torch.Tensor | None,
 
 def _energy(class_scores: torch.Tensor, eam_sum: torch.Tensor | None,
             class_logits: torch.Tensor | None) -> torch.Tensor:
-    return -torch.logsumexp(class_logits, dim=0)
+    return class_logits.logsumexp(dim=0).neg_()
 
 
 SCORERS: dict[str, Scorer] = {

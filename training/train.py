@@ -40,7 +40,6 @@ resumption) and `evaluation` (periodic validation).
 
 from __future__ import annotations
 
-
 import argparse
 import copy
 import json
@@ -54,16 +53,18 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.utils import logging as hf_logging
 
 from modeling_mask2anomaly.atomic_io import write_files_atomically
 
 from .checkpoint import CheckpointError, TrainingProgress, load_checkpoint, resolve_resume, save_checkpoint
+from .cli import build_parser, main  # noqa: F401  (`python -m mask2anomaly_training.train`; the Trainer route)
 from .collate import TrainingCollator
-from .config import TrainingConfig, is_override, load_config
+from .config import TrainingConfig, load_config
 from .evaluation import evaluate_anomaly
 from .loop import (
     _launched_on_cpu_only,
@@ -76,6 +77,7 @@ from .loop import (
 )
 from .model import build_model, freeze_backbone, set_train_mode
 from .optim import parameter_groups, poly_schedule
+from .reporting import log_line, metrics_summary, quiet_library_logging, startup_summary, tracker_values
 from .sampling import micro_batches
 from .sources import TrainingDataError, stage_data
 
@@ -83,6 +85,11 @@ logger = get_logger(__name__)
 
 TRAINING_CONFIG_NAME = "training_config.yaml"
 EVAL_RESULTS_NAME = "eval_results.json"
+
+
+class ResumeMismatchError(ValueError):
+    """``--resume`` of a checkpoint whose stage or max_steps differ from the run's (the poly schedule's length
+    would change): the message is one line naming both."""
 
 
 def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1, max_steps: int | None = None,
@@ -124,10 +131,14 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
 
     # Same initial weights on every process (DDP would broadcast them anyway; this also makes runs repeatable).
     set_seed(run.seed)
+    logger.info(f"stage {stage}: building the model" + (f" from {init_from}" if init_from else ""),
+                main_process_only=True)
     model, processor = build_model(config, init_from)
     if settings.freeze_backbone:
         freeze_backbone(model)
 
+    logger.info("preparing the data (rendered or read once, then reused from the datasets cache)",
+                main_process_only=True)
     with accelerator.main_process_first():  # the first process builds the `datasets` caches, the others reuse them
         dataset, transform, validation = stage_data(config, stage, processor, num_labels=model.config.num_labels)
 
@@ -141,8 +152,10 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
     if start is not None:
         load_checkpoint(accelerator, start, model, optimizer, scheduler, progress)
         if progress.stage != stage or progress.max_steps != settings.max_steps:
-            raise ValueError(f"checkpoint {start} belongs to stage {progress.stage} with max_steps "
-                             f"{progress.max_steps}; this run is stage {stage} with max_steps {settings.max_steps}")
+            raise ResumeMismatchError(
+                f"--resume: checkpoint {start} belongs to stage {progress.stage} with max_steps {progress.max_steps}; "
+                f"this run is stage {stage} with max_steps {settings.max_steps} (the schedule's length cannot change "
+                f"mid-run: resume with --max-steps {progress.max_steps}, or train into a new --output-dir)")
         logger.info(f"resumed from {start} at step {progress.step}", main_process_only=True)
     elif resume == "latest":
         logger.info(f"no checkpoint in {checkpoint_dir}; starting from step 0", main_process_only=True)
@@ -153,9 +166,19 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
                   "num_processes": accelerator.num_processes, "config": config.to_dict()}
         with open(output_dir / TRAINING_CONFIG_NAME, "w", encoding="utf-8") as handle:
             yaml.safe_dump(record, handle, sort_keys=False)
+    tensorboard_dir = None
     if tracker is not None:
-        accelerator.init_trackers(f"mask2anomaly-stage{stage}", config={"max_steps": settings.max_steps,
-                                  "learning_rate": settings.learning_rate, "batch_size": settings.batch_size})
+        # no `config=`: TensorBoard would write it as an hparams run of its own, empty of scalars; the recipe is in
+        # training_config.yaml
+        accelerator.init_trackers(f"mask2anomaly-stage{stage}")
+        tensorboard_dir = str(output_dir / f"mask2anomaly-stage{stage}")
+    if accelerator.is_main_process:
+        logger.info(startup_summary(
+            stage=stage, num_images=len(dataset), max_steps=settings.max_steps, start_step=progress.step,
+            batch_size=settings.batch_size, per_process=per_process, num_processes=accelerator.num_processes,
+            accumulation=settings.gradient_accumulation_steps, learning_rate=settings.learning_rate,
+            output_dir=str(output_dir), checkpoint_dir=str(checkpoint_dir), tensorboard_dir=tensorboard_dir,
+            validation=sorted(validation)))
 
     def run_evaluation() -> dict[str, float]:
         if not validation:
@@ -173,39 +196,48 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
     window: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
     bar = _progress_bar(accelerator, progress.step, settings.max_steps, stage)
+    # the first batch waits for the data-loader workers and the first augmentations: say so on the bar
+    bar.set_postfix_str("waiting for the first batch")
     accumulation = settings.gradient_accumulation_steps
-    while progress.step < settings.max_steps:
-        batches = [_to_device(next(stream), accelerator.device) for _ in range(accumulation)]
-        for key, value in optimizer_step(model, batches, optimizer, scheduler, accelerator,
-                                         settings.max_grad_norm).items():
-            window[key] = window.get(key, 0.0) + value
-        progress.step += 1
-        window_steps += 1
-        bar.update(1)
+    eval_keys: set[str] = set()
+    with logging_redirect_tqdm():  # log lines above the bar, not glued onto it
+        while progress.step < settings.max_steps:
+            batches = [_to_device(next(stream), accelerator.device) for _ in range(accumulation)]
+            for key, value in optimizer_step(model, batches, optimizer, scheduler, accelerator,
+                                             settings.max_grad_norm).items():
+                window[key] = window.get(key, 0.0) + value
+            progress.step += 1
+            window_steps += 1
+            if window_steps == 1 and not progress.history:
+                bar.set_postfix_str("", refresh=False)  # the first batch came
+            bar.update(1)
 
-        log: dict[str, float] = {}
-        if progress.step % run.logging_steps == 0 or progress.step == settings.max_steps:
-            means = torch.tensor([window[k] / window_steps for k in sorted(window)], device=accelerator.device)
-            means = accelerator.reduce(means, reduction="mean")
-            log = dict(zip(sorted(window), means.tolist()))
-            log["lr"] = max(scheduler.get_last_lr())  # the head's rate (the backbone runs at a fraction)
-            log["seconds_per_step"] = (time.perf_counter() - window_start) / window_steps
-            window, window_steps, window_start = {}, 0, time.perf_counter()
-            bar.set_postfix(loss=f"{log['loss']:.3f}")
-        if run.eval_steps and progress.step % run.eval_steps == 0 and progress.step < settings.max_steps:
-            log.update(run_evaluation())
-        if log:
-            log["step"] = progress.step
-            progress.history.append(log)
-            accelerator.log(log, step=progress.step)
-            logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in log.items()),
-                        main_process_only=True)
-        if run.checkpoint_steps and progress.step % run.checkpoint_steps == 0:
-            save_checkpoint(accelerator, checkpoint_dir, progress.step, run.save_total_limit, model, optimizer,
-                            scheduler, progress)
+            log: dict[str, float] = {}
+            if progress.step % run.logging_steps == 0 or progress.step == settings.max_steps:
+                means = torch.tensor([window[k] / window_steps for k in sorted(window)], device=accelerator.device)
+                means = accelerator.reduce(means, reduction="mean")
+                log = dict(zip(sorted(window), means.tolist()))
+                log["lr"] = max(scheduler.get_last_lr())  # the head's rate (the backbone runs at a fraction)
+                log["seconds_per_step"] = (time.perf_counter() - window_start) / window_steps
+                window, window_steps, window_start = {}, 0, time.perf_counter()
+                bar.set_postfix(loss=f"{log['loss']:.3f}")
+            if run.eval_steps and progress.step % run.eval_steps == 0 and progress.step < settings.max_steps:
+                scores = run_evaluation()
+                eval_keys.update(scores)
+                log.update(scores)
+            if log:
+                accelerator.log(tracker_values(log, eval_keys), step=progress.step)
+                logger.info(log_line(progress.step, settings.max_steps, log, eval_keys), main_process_only=True)
+                log["step"] = progress.step
+                progress.history.append(log)
+            if run.checkpoint_steps and progress.step % run.checkpoint_steps == 0:
+                save_checkpoint(accelerator, checkpoint_dir, progress.step, run.save_total_limit, model,
+                                optimizer, scheduler, progress)
     bar.close()
 
     final = run_evaluation()
+    if final:
+        accelerator.log(tracker_values(final, set(final)), step=progress.step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
@@ -218,7 +250,8 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
 
         # staged and renamed file by file, config.json last: a kill never leaves a half-written file
         write_files_atomically(output_dir, write_model_folder, last=("config.json",))
-        logger.info(f"wrote the model to {output_dir}" + (f"; {final}" if final else ""), main_process_only=True)
+        logger.info(f"stage {stage} done after {progress.step} steps: model in {output_dir}"
+                    + (f"; {metrics_summary(final)}" if final else ""), main_process_only=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
@@ -227,53 +260,12 @@ def train(config: TrainingConfig, output_dir: str | os.PathLike, stage: int = 1,
 # ======================================================================================================
 # Command line
 # ======================================================================================================
-class TrainingArgumentParser(argparse.ArgumentParser):
-    """`argparse` with two fixes for this command line: ``--resume`` followed by a ``key=value`` override means
-    ``--resume latest`` (the override is not taken for a checkpoint path), and overrides may come before and
-    after options (`parse_intermixed_args`)."""
-
-    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-                   ) -> argparse.Namespace:
-        words = list(sys.argv[1:] if args is None else args)
-        fixed: list[str] = []
-        for index, word in enumerate(words):
-            fixed.append(word)
-            if word == "--resume" and index + 1 < len(words) and is_override(words[index + 1]):
-                fixed.append("latest")
-        return self.parse_intermixed_args(fixed, namespace)
-
-
-def build_parser(prog: str = "mask2anomaly-train", description: str | None = None,
-                 checkpoint_dir: bool = True) -> TrainingArgumentParser:
-    """The command line of `mask2anomaly-train` (also used by the Trainer route, without ``--checkpoint-dir``)."""
-    parser = TrainingArgumentParser(
-        prog=prog,
-        description=description or (
-            "Train Mask2Anomaly: stage 1 (closed set) or stage 2 (outlier exposure). Also runs under "
-            "`accelerate launch -m mask2anomaly_training.train` for several processes."),
-    )
-    parser.add_argument("--config", default="synthroad",
-                        help="YAML config file or packaged config name (cityscapes, synthroad); default synthroad")
-    parser.add_argument("--output-dir", required=True, help="folder for the trained model (save_pretrained)")
-    parser.add_argument("--stage", type=int, choices=(1, 2), default=1, help="1: closed set; 2: outlier exposure")
-    parser.add_argument("--init-from", default=None, help="model folder to start from (stage 2: the stage-1 output)")
-    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the stage's max_steps)")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="continue from the newest checkpoint (or from the given checkpoint folder)")
-    if checkpoint_dir:
-        parser.add_argument("--checkpoint-dir", default=None,
-                            help="where checkpoints go (default OUTPUT_DIR/checkpoints)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. stage1.learning_rate=2e-4 data.train.num=500")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `mask2anomaly-train`."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """The command once its arguments are parsed (`cli.build_parser`) and its threads set."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()  # "Writing model shards" at the end says nothing the summary does not
+    quiet_library_logging()
     try:
         config = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as error:
@@ -282,6 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         train(config, args.output_dir, stage=args.stage, max_steps=args.max_steps, resume=args.resume,
               init_from=args.init_from, checkpoint_dir=args.checkpoint_dir, command=command)
+    except ResumeMismatchError as error:
+        # every process finds the mismatch; one line, from the main process only, and the others wait for it (a
+        # launcher stops the remaining processes when the first one exits)
+        state = PartialState()
+        if state.is_main_process:
+            print(f"mask2anomaly-train: {error}", file=sys.stderr, flush=True)
+        state.wait_for_everyone()
+        return 2
     except (CheckpointError, TrainingDataError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0

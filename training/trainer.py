@@ -42,20 +42,27 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import speed_metrics
 from transformers.utils import logging
 
 from mask2anomaly_eval.loop import evaluate_splits
+from modeling_mask2anomaly.atomic_io import write_text_atomically
+from modeling_mask2anomaly.cli import apply_threads
 
+from .cli import build_parser
 from .collate import LABEL_NAMES, TrainingCollator
 from .config import TrainingConfig, load_config
 from .loop import resolve_mixed_precision, resolve_tracker
 from .model import backbone_of, build_model, freeze_backbone
 from .optim import parameter_groups, poly_schedule
 from .sources import stage_data
-from .train import build_parser
 
 logger = logging.get_logger(__name__)
+
+#: the Trainer's arguments beside the model, as JSON (transformers writes them as the pickle training_args.bin)
+TRAINING_ARGS_JSON = "training_args.json"
 
 
 class AugmentationEpochCallback(TrainerCallback):
@@ -83,9 +90,26 @@ class Mask2AnomalyTrainer(Trainer):
                  eval_refine: bool | None = None, eval_flip_tta: bool | None = False,
                  eval_max_images: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # TensorBoard's callback only puts its events under output_dir when training starts; an evaluate() before
+        # (or without) train() would write them into ./runs of the working folder
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = os.path.join(self.args.output_dir, default_logdir())
         self.frozen_backbone = frozen_backbone
         self.eval_scorer, self.eval_refine, self.eval_flip_tta = eval_scorer, eval_refine, eval_flip_tta
         self.eval_max_images = eval_max_images
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """`Trainer._save`, with the training arguments written as JSON (``training_args.json``) instead of the
+        pickle ``training_args.bin``: a folder that is loaded unpickles nothing, so `mask2anomaly-publish` takes
+        the final folder (and every checkpoint) as it is. (Resuming does not read the arguments back.)"""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+            if os.path.exists(pickled):
+                os.remove(pickled)
+            write_text_atomically(os.path.join(output_dir, TRAINING_ARGS_JSON), self.args.to_json_string())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `training_step` has just called model.train(); a frozen backbone must keep its BatchNorm statistics.
@@ -198,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           description="Train Mask2Anomaly with the HF Trainer (stage 1 closed set, stage 2 outlier "
                                       "exposure). Checkpoints go to OUTPUT_DIR/checkpoint-<step>.")
     args = parser.parse_args(argv)
+    apply_threads(args.threads)
     logging.set_verbosity_info()
     try:
         config = load_config(args.config, args.overrides)

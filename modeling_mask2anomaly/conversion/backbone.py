@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 from transformers.utils import logging
 
+from ..cli import build_backbone_parser
 from ..configuration_mask2anomaly import resnet_backbone
 from .checkpoint import load_official_state_dict
 from .errors import ConversionError, key_list
@@ -161,22 +162,13 @@ def load_backbone_checkpoint(model: torch.nn.Module, checkpoint_path: str | Path
     backbone.load_state_dict(backbone_state_dict(checkpoint_path, backbone), strict=True)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mask2anomaly-backbone",
-        description="Check a ResNet backbone checkpoint (torchvision .pth, detectron2 .pkl, transformers "
-                    ".safetensors) against a Mask2Anomaly ResNet and write it in transformers' names.",
-    )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="e.g. Barlow Twins' resnet50.pth")
-    parser.add_argument("--output", required=True, type=Path, help=".safetensors file to write")
-    parser.add_argument("--depths", type=int, nargs=4, default=[3, 4, 6, 3], metavar="N",
-                        help="blocks per stage (default ResNet-50: 3 4 6 3; ResNet-101: 3 4 23 3)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """`mask2anomaly-backbone` (parser: `modeling_mask2anomaly.cli.build_backbone_parser`)."""
+    return run(build_backbone_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command once its arguments are parsed."""
     from safetensors.torch import save_file
     from transformers import ResNetBackbone
 

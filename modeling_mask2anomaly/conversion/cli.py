@@ -1,36 +1,27 @@
-"""`mask2anomaly-convert`: the command line of the converter."""
+"""`mask2anomaly-convert`: the command line of the converter (its parser: `modeling_mask2anomaly.cli`, light)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from transformers.utils import logging
 
+from ..cli import build_convert_parser
 from ..configuration_mask2anomaly import Mask2AnomalyConfig
 from .detectron2_config import Detectron2ConfigError
 from .errors import ConversionError
 from .writing import convert_checkpoint
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mask2anomaly-convert",
-        description="Convert an official detectron2 Mask2Anomaly checkpoint into a transformers model folder.",
-    )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="official .pth / .pkl checkpoint")
-    parser.add_argument("--config", required=True, type=Path, help="its detectron2 YAML config (_BASE_ is resolved)")
-    parser.add_argument("--output-dir", required=True, type=Path, help="model folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
-    parser.add_argument("--verbose", action="store_true", help="log what was mapped, dropped and filled")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mask2anomaly-convert`; returns 0 on success, 1 with a one-line error otherwise."""
-    args = _parser().parse_args(argv)
+    return run(build_convert_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command once its arguments are parsed (`modeling_mask2anomaly.cli.build_convert_parser`)."""
     logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()
     # one summary line is the whole output; transformers' "Writing model shards" bar is noise here
     logging.disable_progress_bar()

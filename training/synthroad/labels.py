@@ -18,3 +18,6 @@ VOID = 255
 RENDERED_ANOMALY = 254
 
 MIN_SIZE = 64
+
+#: the file `mask2anomaly-synthroad` writes beside images/ and labels/: split, number, seed, size, generator version
+METADATA_NAME = "synthroad.json"

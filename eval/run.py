@@ -290,7 +290,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             title = f"{BENCHMARKS[args.benchmark].title}, {scorer}"
             try:
                 _, files_markdown = write_figures(result, output_dir, stem, title, scorer,
-                                                  processor.anomaly_threshold)
+                                                  processor.decision_threshold(scorer))
                 json_path, markdown_path = write_results(record, output_dir, stem,
                                                          intervals_markdown(record) + files_markdown)
             except OSError as err:  # e.g. the disk filled up during the evaluation: the results still get out

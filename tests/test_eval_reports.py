@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 NUM_IMAGES = 4
 SEED = 5
+STEM = "synthroad-anomaly"  # results files: <benchmark>-<split>
 NUM_RESAMPLES = 30
 
 
@@ -54,14 +55,14 @@ def report(setup):
                  "--output-dir", str(out), "--no-flip", "--bootstrap", str(NUM_RESAMPLES), "--seed", "7",
                  "--visualize", "1"])
     assert code == 0
-    return out, json.loads((out / "synthroad.json").read_text())
+    return out, json.loads((out / f"{STEM}.json").read_text())
 
 
 def test_per_image_csv_matches_sklearn_per_image(setup, report):
     _, _, model, processor, images, labels = setup
     out, record = report
     maps = _maps(model, processor, images)
-    with open(out / "synthroad_per_image.csv", newline="") as stream:
+    with open(out / f"{STEM}_per_image.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [Path(row["name"]).name for row in rows] == [p.name for p in images]
     for row, anomaly_map, label in zip(rows, maps, labels):
@@ -81,15 +82,15 @@ def test_per_image_csv_matches_sklearn_per_image(setup, report):
 def test_curves_are_pngs_of_sklearns_curve_and_listed_in_the_report(setup, report):
     _, _, model, processor, images, labels = setup
     out, record = report
-    for name in ("synthroad_pr.png", "synthroad_roc.png"):
+    for name in (f"{STEM}_pr.png", f"{STEM}_roc.png"):
         with Image.open(out / name) as picture:
             assert picture.format == "PNG" and picture.width >= 400
-    markdown = (out / "synthroad.md").read_text()
-    for name in ("synthroad_pr.png", "synthroad_roc.png", "synthroad_per_image.csv", "synthroad_curve.csv"):
+    markdown = (out / f"{STEM}.md").read_text()
+    for name in (f"{STEM}_pr.png", f"{STEM}_roc.png", f"{STEM}_per_image.csv", f"{STEM}_curve.csv"):
         assert name in markdown
     y, s = _pooled(_maps(model, processor, images), labels)
     fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
-    points = np.loadtxt(out / "synthroad_curve.csv", delimiter=",", skiprows=1)
+    points = np.loadtxt(out / f"{STEM}_curve.csv", delimiter=",", skiprows=1)
     # every kept point is an operating point of sklearn's curve (same threshold, same TPR and FPR)
     for threshold, point_tpr, point_fpr, _ in points:
         index = int(np.argmin(np.abs(thresholds - threshold)))
@@ -108,9 +109,9 @@ def test_visualize_writes_the_worst_and_best_by_per_image_ap(setup, report):
         if (label[valid] == 1).any() and (label[valid] == 0).any():
             scores[path.stem] = average_precision_score(label[valid] == 1, anomaly_map[valid])
     ranked = sorted(scores, key=scores.get)
-    written = sorted(p.name for p in (out / "synthroad_heatmaps").iterdir())
+    written = sorted(p.name for p in (out / f"{STEM}_heatmaps").iterdir())
     assert written == sorted([f"worst-1-{ranked[0]}.png", f"best-1-{ranked[-1]}.png"])
-    with Image.open(out / "synthroad_heatmaps" / f"worst-1-{ranked[0]}.png") as picture:
+    with Image.open(out / f"{STEM}_heatmaps" / f"worst-1-{ranked[0]}.png") as picture:
         assert picture.mode == "RGB" and picture.width > 128  # image plus colour bar
 
 
@@ -135,7 +136,7 @@ def test_cli_bootstrap_equals_naive_resampling(setup, report):
         assert intervals[key]["low"] == pytest.approx(low, abs=tolerance), key
         assert intervals[key]["high"] == pytest.approx(high, abs=tolerance), key
         assert intervals[key]["num_defined"] == len(series)
-    assert "bootstrap intervals" in (report[0] / "synthroad.md").read_text()
+    assert "bootstrap intervals" in (report[0] / f"{STEM}.md").read_text()
 
 
 def test_all_scorers_in_one_pass_equal_separate_runs(setup, tmp_path):
@@ -156,12 +157,12 @@ def test_all_scorers_in_one_pass_equal_separate_runs(setup, tmp_path):
     assert code == 0
     assert len(calls) == NUM_IMAGES  # one forward per image, whatever the number of scorers
     for scorer in ANOMALY_SCORERS:
-        record = json.loads((tmp_path / f"synthroad-{scorer}.json").read_text())
+        record = json.loads((tmp_path / f"{STEM}-{scorer}.json").read_text())
         assert record["options"]["scorer"] == scorer
         y, s = _pooled(_maps(model, processor, images, scorer=scorer), labels)
         assert record["metrics"]["auprc"] == pytest.approx(average_precision_score(y, s), abs=1e-9), scorer
         assert record["metrics"]["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-9), scorer
-    table = (tmp_path / "synthroad-scorers.md").read_text()
+    table = (tmp_path / f"{STEM}-scorers.md").read_text()
     assert all(f"`{scorer}`" in table for scorer in ANOMALY_SCORERS)
 
 
@@ -172,7 +173,7 @@ def test_compare_tables_models_benchmarks_and_scorers(setup, report, tmp_path, c
                  metrics=dict(record["metrics"], auprc=0.5))
     other.pop("bootstrap")
     (tmp_path / "other.json").write_text(json.dumps(other))
-    code = main(["--compare", str(out / "synthroad.json"), str(tmp_path / "other.json"),
+    code = main(["--compare", str(out / f"{STEM}.json"), str(tmp_path / "other.json"),
                  "--output-dir", str(tmp_path / "cmp")])
     assert code == 0
     printed = capsys.readouterr().out

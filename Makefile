@@ -21,6 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check --quiet .
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

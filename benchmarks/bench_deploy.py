@@ -62,9 +62,9 @@ def build_forms(forms: list[str], height: int, width: int, threads: int, workdir
     from transformers import Mask2FormerForUniversalSegmentation
 
     from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
-    from modeling_mask2anomaly.modeling_mask2anomaly import mask2former_config_from_mask2anomaly
     from modeling_mask2anomaly.deformable_attention import set_deformable_attention_backend
     from modeling_mask2anomaly.export import export_onnx, load_runtime
+    from modeling_mask2anomaly.modeling_mask2anomaly import mask2former_config_from_mask2anomaly
 
     torch.manual_seed(0)
     config = Mask2AnomalyConfig.paper()
@@ -149,7 +149,8 @@ def measure(forms: list[str], height: int, width: int, repeats: int, threads: in
                 if timer:
                     decoder[name].append(timer.total - before)
         if profile:
-            from torch.profiler import ProfilerActivity, profile as torch_profile
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
 
             for name in ("stock", "ours_eager"):
                 if name in built:

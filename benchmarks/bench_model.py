@@ -30,7 +30,6 @@ from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSe
 from modeling_mask2anomaly.inference import resolve_device
 from modeling_mask2anomaly.modeling_mask2anomaly import mask2former_config_from_mask2anomaly
 
-
 # Nominal dense matrix peaks (TFLOP/s, without sparsity) of GPUs the project is benchmarked on, by name fragment.
 NOMINAL_TFLOPS = {
     "H100": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4},  # SXM

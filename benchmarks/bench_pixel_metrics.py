@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 REPO = Path(__file__).resolve().parents[1]
 SIDES = ("sklearn", "accumulator", "evaluate")
 

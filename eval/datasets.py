@@ -14,19 +14,19 @@ finder, label convention, default track) and a test that builds a small tree in 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from transformers.utils import logging
 
-from .io import read_label_png
-from .metrics import Track
 from mask2anomaly_training.synthroad.labels import METADATA_NAME
 from modeling_mask2anomaly.image_processing_mask2anomaly import IMAGE_EXTENSIONS
 
+from .io import read_label_png
+from .metrics import Track
 
 logger = logging.get_logger(__name__)
 

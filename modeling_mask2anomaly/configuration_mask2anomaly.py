@@ -219,12 +219,12 @@ class Mask2AnomalyConfig(Mask2FormerConfig):
         return output
 
     @classmethod
-    def paper(cls, **kwargs) -> "Mask2AnomalyConfig":
+    def paper(cls, **kwargs) -> Mask2AnomalyConfig:
         """The released Cityscapes configuration (ResNet-50, 100 queries, 9 decoder layers, 19 classes)."""
         return cls(backbone_config=resnet_backbone(), **kwargs)
 
     @classmethod
-    def tiny(cls, **kwargs) -> "Mask2AnomalyConfig":
+    def tiny(cls, **kwargs) -> Mask2AnomalyConfig:
         """A small configuration (about 0.15M parameters) for tests and CPU demos; same 19 Cityscapes classes."""
         backbone = resnet_backbone(embedding_size=16, hidden_sizes=[32, 64, 96, 128], depths=[1, 1, 1, 1])
         defaults = dict(

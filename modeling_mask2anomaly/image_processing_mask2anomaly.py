@@ -318,7 +318,7 @@ class _LinearTaps:
     w_hi: torch.Tensor  # (out_size,) float32
 
     @classmethod
-    def build(cls, in_size: int, out_size: int, device: torch.device) -> "_LinearTaps":
+    def build(cls, in_size: int, out_size: int, device: torch.device) -> _LinearTaps:
         # Same float32 arithmetic as PyTorch's upsample_bilinear2d: src = scale * (dst + 0.5) - 0.5, clamped at 0
         scale = torch.tensor(in_size / out_size, dtype=torch.float32)
         src = (scale * (torch.arange(out_size, dtype=torch.float32) + 0.5) - 0.5).clamp_(min=0.0)
@@ -540,7 +540,7 @@ class Mask2AnomalyImageProcessor(Mask2FormerImageProcessorPil):
             raise ValueError(f"refine_min_queries={refine_min_queries!r} must be at least 1")
 
     @classmethod
-    def from_model_config(cls, config: Any, **kwargs) -> "Mask2AnomalyImageProcessor":
+    def from_model_config(cls, config: Any, **kwargs) -> Mask2AnomalyImageProcessor:
         """
         A processor for a model config: `ignore_value` as `ignore_index`, and the post-processing settings and
         `outlier_label` that an older config.json still carried (`config.legacy_postprocessing`, see

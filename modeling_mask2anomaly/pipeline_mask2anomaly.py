@@ -26,12 +26,11 @@ import os
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from transformers import AutoModelForImageSegmentation, Pipeline
-from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.image_utils import load_image as load_image_from_source
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
+from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
 from .image_processing_mask2anomaly import load_image, to_rgb_uint8

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
-
 from shared_paths import SHARED_FIXTURES
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 FIXTURES = SHARED_FIXTURES / "metrics_smiyc"
 TOL = 1e-9

@@ -15,9 +15,9 @@ from torch import nn
 from transformers import ResNetBackbone
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
-from modeling_mask2anomaly.conversion.backbone import backbone_state_dict, load_backbone_checkpoint, main
 from modeling_mask2anomaly.configuration_mask2anomaly import resnet_backbone
 from modeling_mask2anomaly.conversion import ConversionError
+from modeling_mask2anomaly.conversion.backbone import backbone_state_dict, load_backbone_checkpoint, main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

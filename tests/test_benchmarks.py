@@ -13,7 +13,6 @@ from transformers import Mask2FormerForUniversalSegmentation
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
 from modeling_mask2anomaly.modeling_mask2anomaly import mask2former_config_from_mask2anomaly
 
-
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

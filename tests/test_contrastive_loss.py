@@ -7,10 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from shared_paths import SHARED_FIXTURES
 
 from modeling_mask2anomaly import mask_contrastive_loss
-
-from shared_paths import SHARED_FIXTURES
 
 FIXTURES = SHARED_FIXTURES / "official_r50_small"
 

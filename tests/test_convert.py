@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from shared_paths import SHARED_FIXTURES
 from torch.nn import functional as F
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
 from transformers.testing_utils import CaptureLogger
@@ -41,8 +42,6 @@ from modeling_mask2anomaly.conversion import (
 from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
 from modeling_mask2anomaly.inference import predict_anomaly
 from modeling_mask2anomaly.modeling_mask2anomaly import logger as modeling_logger
-
-from shared_paths import SHARED_FIXTURES
 
 PARITY_FIXTURES = [SHARED_FIXTURES / "official_r50_small", SHARED_FIXTURES / "official_swin_small"]
 PARITY_FIXTURES += [Path(p) for p in os.environ.get("MASK2ANOMALY_PARITY_FIXTURES", "").split(os.pathsep) if p]

@@ -15,10 +15,10 @@ from types import ModuleType
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import random_image, save_tiny_model
 
 from modeling_mask2anomaly import CITYSCAPES_CLASSES
 from modeling_mask2anomaly.visualize import CITYSCAPES_PALETTE
-from tiny_models import random_image, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

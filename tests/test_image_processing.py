@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from shared_paths import SHARED_FIXTURES
 
 from modeling_mask2anomaly.image_processing_mask2anomaly import (
     Mask2AnomalyImageProcessor,
@@ -23,8 +24,6 @@ from modeling_mask2anomaly.image_processing_mask2anomaly import (
     to_rgb_uint8,
 )
 from modeling_mask2anomaly.inference import iter_predict_anomaly, predict_anomaly
-
-from shared_paths import SHARED_FIXTURES
 
 FIXTURES = SHARED_FIXTURES
 R50 = FIXTURES / "official_r50_small"

@@ -8,6 +8,7 @@ import pickle
 
 import numpy as np
 import pytest
+from metric_cases import CASES, FIXTURES, assert_component_result, load_case, official_config
 from scipy import ndimage
 
 from mask2anomaly_eval.metrics import (
@@ -17,9 +18,6 @@ from mask2anomaly_eval.metrics import (
     frame_component_stats,
     merge_accumulators,
 )
-
-from metric_cases import CASES, FIXTURES, assert_component_result, load_case, official_config
-
 
 TOL = 1e-9
 CONFIG_SUFFIXES = ["", "@thresh_p=0.5", "@exact_best_F1_threshold"]

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from metric_cases import (
     FIXTURES,
     assert_component_result,
@@ -18,7 +17,6 @@ from metric_cases import (
     random_frames,
     sklearn_reference,
 )
-
 
 evaluate = pytest.importorskip("evaluate")
 MODULE = str(Path(__file__).resolve().parents[1] / "eval" / "anomaly_segmentation")

@@ -9,13 +9,12 @@ import pickle
 
 import numpy as np
 import pytest
+from metric_cases import CASES, FIXTURES, TOL, assert_matches_sklearn, load_case, random_frames, sklearn_reference
 from sklearn.metrics import roc_curve
 
 from mask2anomaly_eval.metrics import PixelMetricAccumulator
 from mask2anomaly_eval.metrics import exact as exact_mode
 from mask2anomaly_eval.metrics.exact import float32_to_keys, keys_to_float32
-
-from metric_cases import CASES, FIXTURES, TOL, assert_matches_sklearn, load_case, random_frames, sklearn_reference
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ from transformers import Mask2FormerForUniversalSegmentation
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation, mask_contrastive_loss
 from modeling_mask2anomaly.deformable_attention import set_deformable_attention_backend
-from modeling_mask2anomaly.modeling_mask2anomaly import mask2former_config_from_mask2anomaly
 from modeling_mask2anomaly.modeling_mask2anomaly import (
     Mask2AnomalyMaskedAttentionDecoderLayer,
     Mask2AnomalyMaskPredictor,
     _reset_fully_blocked_rows,
+    mask2former_config_from_mask2anomaly,
 )
 
 

@@ -14,9 +14,9 @@ import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
+import modeling_mask2anomaly
 from mask2anomaly_model_cards.card import write_model_card
 from mask2anomaly_model_cards.publish import main as publish_main
-import modeling_mask2anomaly
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
 
 PACKAGE_DIR = Path(modeling_mask2anomaly.__file__).parent  # where the installed package keeps handler.py

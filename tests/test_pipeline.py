@@ -16,14 +16,13 @@ import textwrap
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import model_outputs, random_image, reference_class_scores, save_tiny_model
 from transformers import pipeline
 
 from modeling_mask2anomaly import (
     CITYSCAPES_CLASSES,
 )
 from modeling_mask2anomaly.pipeline_mask2anomaly import Mask2AnomalyMapPipeline, Mask2AnomalySegmentationPipeline
-
-from tiny_models import save_tiny_model, model_outputs, reference_class_scores, random_image
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -12,13 +12,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import TEST_SIZE, model_outputs, random_image, reference_class_scores, save_tiny_model, tiny_model
 
-from modeling_mask2anomaly import CITYSCAPES_CLASSES, Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor
-from modeling_mask2anomaly import predict_anomaly
+from modeling_mask2anomaly import (
+    CITYSCAPES_CLASSES,
+    Mask2AnomalyForUniversalSegmentation,
+    Mask2AnomalyImageProcessor,
+    predict_anomaly,
+)
 from modeling_mask2anomaly import predict as predict_module
 from modeling_mask2anomaly.predict import main
 from modeling_mask2anomaly.visualize import INFERNO_LUT
-from tiny_models import TEST_SIZE, model_outputs, random_image, reference_class_scores, save_tiny_model, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -23,10 +23,12 @@ from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score, roc_auc_score
+from tiny_models import ANOMALY_SPLIT, tiny_config
+from tiny_models import TINY_TRAINING as TINY
 from torch.nn import functional as F
 
-from mask2anomaly_training.collate import TrainingCollator
 from mask2anomaly_training.checkpoint import list_checkpoints
+from mask2anomaly_training.collate import TrainingCollator
 from mask2anomaly_training.config import load_config
 from mask2anomaly_training.loop import optimizer_step
 from mask2anomaly_training.model import backbone_of, build_model, freeze_backbone, set_train_mode
@@ -34,7 +36,6 @@ from mask2anomaly_training.optim import parameter_groups, poly_schedule
 from mask2anomaly_training.sampling import ProcessBatchSampler, global_batch_indices
 from mask2anomaly_training.sources import load_source, make_augmentation, stage_data, training_dataset
 from mask2anomaly_training.train import train
-from tiny_models import ANOMALY_SPLIT, TINY_TRAINING as TINY, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE_PREFIX = "model.pixel_level_module.encoder."

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_paths import SHARED_FIXTURES
 
 from modeling_mask2anomaly import Mask2AnomalyForUniversalSegmentation, Mask2AnomalyImageProcessor
 from modeling_mask2anomaly.conversion import convert_checkpoint
-from shared_paths import SHARED_FIXTURES
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 

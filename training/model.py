@@ -8,7 +8,6 @@ import os
 from collections.abc import Mapping
 
 import torch
-from safetensors.torch import load_file
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
 from modeling_mask2anomaly.configuration_mask2anomaly import resnet_backbone
@@ -16,7 +15,6 @@ from modeling_mask2anomaly.conversion import ConversionError, backbone
 from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
 
 from .config import ModelSettings, TrainingConfig
-
 
 # Fields of a stage-1 model's config that stage 2 may change; everything else is architecture.
 STAGE2_MUTABLE_CONFIG_KEYS = (

@@ -9,7 +9,6 @@ import torch
 from .config import StageSettings
 from .model import backbone_of
 
-
 _NORM_TYPES = (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm,
                torch.nn.InstanceNorm2d, torch.nn.LocalResponseNorm)
 

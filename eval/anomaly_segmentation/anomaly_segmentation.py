@@ -8,11 +8,12 @@ evaluate's calling conventions while running as fast as the core metrics.
 
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import datasets
 import evaluate
 import numpy as np
+
 from mask2anomaly_eval.metrics import (
     PIXEL_MODES,
     TRACK_SIZE_THRESHOLDS,
@@ -22,7 +23,6 @@ from mask2anomaly_eval.metrics import (
     evaluate_two_pass,
     merge_accumulators,
 )
-
 
 _CITATION = """\
 @inproceedings{rai2023unmasking,
@@ -93,7 +93,7 @@ class AnomalySegmentation(evaluate.Metric):
         mode: str = "exact",
         components: bool = False,
         track: str = "anomaly",
-        component_threshold: Optional[float] = None,
+        component_threshold: float | None = None,
         cast_float16: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -121,7 +121,7 @@ class AnomalySegmentation(evaluate.Metric):
         )
 
     @staticmethod
-    def _check_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    def _check_options(options: dict[str, Any]) -> dict[str, Any]:
         if options["mode"] not in PIXEL_MODES:
             raise ValueError(f"unknown mode {options['mode']!r}; expected one of {PIXEL_MODES}")
         if options["track"] not in TRACK_SIZE_THRESHOLDS:
@@ -131,13 +131,13 @@ class AnomalySegmentation(evaluate.Metric):
     def _reset(self) -> None:
         options = self._defaults
         self._pixel = PixelMetricAccumulator(options["mode"], cast_float16=options["cast_float16"])
-        self._component: Optional[ComponentMetricAccumulator] = None
+        self._component: ComponentMetricAccumulator | None = None
         if options["components"] and options["component_threshold"] is not None:
             self._component = ComponentMetricAccumulator(
                 options["track"], options["component_threshold"], cast_float16=options["cast_float16"]
             )
         # Frames kept for the second (component) pass when the threshold comes from the pixel curve.
-        self._kept: Optional[List[tuple]] = [] if options["components"] and self._component is None else None
+        self._kept: list[tuple] | None = [] if options["components"] and self._component is None else None
 
     def __len__(self) -> int:
         return self._pixel.num_images
@@ -151,7 +151,7 @@ class AnomalySegmentation(evaluate.Metric):
             self._kept.append((scores, labels))
 
     @staticmethod
-    def _pairs(predictions: Any, references: Any) -> List[tuple]:
+    def _pairs(predictions: Any, references: Any) -> list[tuple]:
         predictions, references = list(predictions), list(references)
         if len(predictions) != len(references):
             raise ValueError(
@@ -178,7 +178,7 @@ class AnomalySegmentation(evaluate.Metric):
         for prediction, reference in self._pairs(predictions, references):
             self._stream(prediction, reference)
 
-    def compute(self, *, predictions: Any = None, references: Any = None, **kwargs: Any) -> Optional[Dict[str, Any]]:
+    def compute(self, *, predictions: Any = None, references: Any = None, **kwargs: Any) -> dict[str, Any] | None:
         """Compute the metrics over everything added so far plus ``predictions``/``references``, then reset.
 
         Keyword options (mode, components, track, component_threshold, cast_float16) override those given at load.
@@ -197,7 +197,7 @@ class AnomalySegmentation(evaluate.Metric):
         finally:
             self._reset()
 
-    def _compute_local(self, given: List[tuple], options: Dict[str, Any]) -> Dict[str, Any]:
+    def _compute_local(self, given: list[tuple], options: dict[str, Any]) -> dict[str, Any]:
         streamed = self._pixel.num_images
         if streamed == 0 and not given:
             raise ValueError("no image was added; pass predictions= and references= or call add()/add_batch() first")
@@ -238,7 +238,7 @@ class AnomalySegmentation(evaluate.Metric):
         return result
 
     @staticmethod
-    def _two_pass(frames: List[tuple], options: Dict[str, Any]) -> Dict[str, Any]:
+    def _two_pass(frames: list[tuple], options: dict[str, Any]) -> dict[str, Any]:
         return evaluate_two_pass(lambda: iter(frames), **options)
 
     # ---- several processes (num_process > 1): each writes its accumulators, process 0 merges them ----
@@ -271,7 +271,7 @@ class AnomalySegmentation(evaluate.Metric):
             raise ValueError(f"{path}: not a shard of this metric's processes ({error})") from None
         return pixel, component
 
-    def _compute_distributed(self, given: List[tuple], options: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    def _compute_distributed(self, given: list[tuple], options: dict[str, Any]) -> dict[str, Any] | None:
         if any(options[key] != self._defaults[key] for key in _OPTIONS):
             raise ValueError("with num_process > 1, pass the options to evaluate.load(...), not to compute()")
         if options["components"] and options["component_threshold"] is None:

@@ -55,7 +55,6 @@ from .errors import ConversionError
 from .state_dict import TargetSpec, convert_state_dict, target_specs
 from .writing import convert_checkpoint, save_image_processor
 
-
 __all__ = [
     "STREETHAZARDS_CLASSES",
     "ConversionError",

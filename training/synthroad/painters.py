@@ -26,6 +26,7 @@ from .labels import (
     VOID,
 )
 
+
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cell: float) -> np.ndarray:
     """Value noise in [0, 1]: a random grid with one value every `cell` pixels, bilinearly upsampled.
 

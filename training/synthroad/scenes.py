@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .labels import (
+    _SPLIT_CODES,
     BUILDING,
     FENCE,
     MIN_SIZE,
@@ -21,14 +22,13 @@ from .labels import (
     VEGETATION,
     VOID,
     WALL,
-    _SPLIT_CODES,
 )
 from .painters import (
     _ANOMALY_PAINTERS,
-    _Camera,
-    _Canvas,
     _OBSTACLE_PAINTERS,
     _box_vehicle,
+    _Camera,
+    _Canvas,
     _ego_hood,
     _hsv_to_rgb,
     _jitter,
@@ -39,6 +39,7 @@ from .painters import (
     _tree,
     _two_wheeler,
 )
+
 
 # ----------------------------------------------------------------------------------------------- helpers
 def item_rng(seed: int, split: str, index: int) -> np.random.Generator:

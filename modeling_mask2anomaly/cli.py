@@ -137,9 +137,10 @@ def build_predict_parser() -> argparse.ArgumentParser:
                              "for another one: " + ", ".join(f"{name} {scorer.default_threshold:g}"
                                                            for name, scorer in SCORERS.items()) + ")")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="default",
-                        help="default: .npy + heatmap + semantic PNG per image; smiyc: the SegmentMeIfYouCan kit's "
-                             "<output-dir>/anomaly_p/<method>/<dataset>/<frame>.hdf5; fishyscapes: "
-                             "<output-dir>/DDDD_anomaly.npy and DDDD_segmentation.npy for inputs DDDD_*.png")
+                        help="output layout (default: %(default)s): default = .npy + heatmap + semantic PNG per "
+                             "image; smiyc = the SegmentMeIfYouCan kit's <output-dir>/anomaly_p/<method>/<dataset>/"
+                             "<frame>.hdf5; fishyscapes = <output-dir>/DDDD_anomaly.npy and DDDD_segmentation.npy "
+                             "for inputs DDDD_*.png")
     parser.add_argument("--method", default=None, help="with --format smiyc: the method name of the output tree")
     parser.add_argument("--dataset", default=None,
                         help="with --format smiyc: the kit's dataset, e.g. AnomalyTrack-test, ObstacleTrack-test, "

@@ -154,7 +154,7 @@ def test_bad_model_or_output_dir_is_one_line_and_creates_nothing(model_dir, tmp_
     truncate(truncated / "model.safetensors", 0.3)
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
-    cases = [(tmp_path / "no-such-model", tmp_path / "out1", "cannot load the model"),
+    cases = [(tmp_path / "no-such-model", tmp_path / "out1", "model folder not found"),
              (truncated, tmp_path / "out2", "cannot load the model"),
              (model_dir, a_file, "is a file; expected a folder")]
     for model, out, message in cases:

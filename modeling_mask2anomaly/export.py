@@ -192,37 +192,25 @@ def onnx_operators(path: str | Path) -> set[tuple[str, str]]:
 def load_runtime(path: str | Path, runtime: Runtime = "onnxruntime", num_threads: int | None = None
                  ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """An exported model in `runtime`, as a function `pixel_values (batch, 3, H, W) float32 ->
-    (class_queries_logits, masks_queries_logits)` (numpy arrays). `num_threads` caps the runtime's threads."""
+    (class_queries_logits, masks_queries_logits)` (numpy arrays): the `backends` class of that runtime (a graph of
+    fixed size refuses another one by name). `num_threads` caps the runtime's threads."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r} is not known; expected one of {RUNTIMES}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ONNX file")
-    if runtime == "onnxruntime":
-        ort = _require("onnxruntime", "onnx")
-        options = ort.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = num_threads
-            options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    import numpy as np
+    import torch
 
-        def run_onnxruntime(pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            class_logits, mask_logits = session.run(list(OUTPUT_NAMES), {INPUT_NAME: pixel_values})
-            return class_logits, mask_logits
+    from .backends import ONNX_BACKENDS  # the one place a runtime session is made (backends imports this module)
 
-        return run_onnxruntime
-    ov = _require("openvino", "openvino")
-    core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": int(num_threads)} if num_threads else {}
-    # f32 inference precision: OpenVINO may otherwise pick bf16/f16 on CPUs that have it
-    config["INFERENCE_PRECISION_HINT"] = "f32"
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    backend = ONNX_BACKENDS[runtime](path, num_threads=num_threads)
 
-    def run_openvino(pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        result = compiled({INPUT_NAME: pixel_values})
-        return result[OUTPUT_NAMES[0]], result[OUTPUT_NAMES[1]]
+    def run(pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs = backend(torch.from_numpy(np.ascontiguousarray(pixel_values)))
+        return outputs.class_queries_logits.numpy(), outputs.masks_queries_logits.numpy()
 
-    return run_openvino
+    return run
 
 
 def max_abs_difference(a: Any, b: Any) -> float:

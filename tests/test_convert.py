@@ -10,6 +10,7 @@ separated): everything about the architecture comes from its `config.yaml`.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pickle
 from importlib.metadata import entry_points
@@ -29,6 +30,7 @@ from transformers.utils import logging
 from modeling_mask2anomaly import Mask2AnomalyForUniversalSegmentation
 from modeling_mask2anomaly.conversion import (
     ConversionError,
+    Detectron2Config,
     Detectron2ConfigError,
     UnevaluatedTag,
     config_from_detectron2_yaml,
@@ -37,6 +39,7 @@ from modeling_mask2anomaly.conversion import (
     load_detectron2_yaml,
     load_official_state_dict,
     main,
+    preprocessing_from_detectron2,
     target_specs,
 )
 from modeling_mask2anomaly.image_processing_mask2anomaly import Mask2AnomalyImageProcessor
@@ -324,6 +327,10 @@ def test_cli_success_prints_one_summary_line(tmp_path, capsys):
     names = sorted(p.name for p in out.iterdir())
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_mask2anomaly.py"} <= set(names)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder left behind
+    # the official refinement rule (train ids 2..10) is in the processor's file, not in the network's config
+    processor_file = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor_file["refine"] is True and processor_file["refine_class_ids"] == list(range(2, 11))
+    assert not {"refine", "refine_class_ids"} & set(json.loads((out / "config.json").read_text()))
     # an existing folder is only replaced on request
     assert main(["--checkpoint", str(R50 / "checkpoint.pth"), "--config", str(R50 / "config.yaml"), "--output-dir", str(out)]) == 1
     assert main(["--checkpoint", str(R50 / "checkpoint.pth"), "--config", str(R50 / "config.yaml"), "--output-dir", str(out), "--overwrite"]) == 0
@@ -428,8 +435,10 @@ def test_official_style_yaml_with_base_and_eval_tag(tmp_path):
     assert config.global_masked_attention and config.num_labels == 19 and config.id2label[0] == "road"
     assert (config.class_weight, config.mask_weight, config.dice_weight, config.no_object_weight) == (2.0, 5.0, 5.0, 0.1)
     assert (config.contrastive_loss, config.contrastive_margin, config.contrastive_weight) == ("margin", 1.0, 1.0)
-    processor = Mask2AnomalyImageProcessor.from_model_config(config)  # refinement: a processor setting
-    assert processor.refine and processor.refine_class_ids == list(range(2, 11))
+    # refinement is a processor setting: the network's config never carries it (no legacy-key warning)
+    assert config.legacy_postprocessing == {}
+    preprocessing = preprocessing_from_detectron2(Detectron2Config.from_file(path))
+    assert preprocessing.refine and preprocessing.refine_class_ids == tuple(range(2, 11))
 
 
 @pytest.mark.parametrize("frozen_bn", [False, True], ids=["bn", "frozen_bn"])

@@ -15,25 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import TINY_TRAINING
 
 from mask2anomaly_training.train import load_config, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
-TINY_STAGE2 = [
-    "model.preset=tiny",
-    "model.config={}",
-    "processor.size={shortest_edge: 64, longest_edge: 128}",
-    "data.train={source: synthroad, split: train, num: 8, seed: 0, height: 64, width: 128}",
-    "data.outliers={source: synthroad, num: 4, seed: 0, height: 64, width: 128}",
-    "data.validation={}",
-    "data.crop_size=[64, 128]",
-    "data.outlier_probability=1.0",
-    "stage2.batch_size=2",
-    "training.logging_steps=1",
-    "training.checkpoint_steps=0",
-    "training.eval_steps=0",
-]
+# the tiny training set-up, every image with a pasted outlier (stage 2 draws pasting, points and data order)
+TINY_STAGE2 = [*TINY_TRAINING, "data.outlier_probability=1.0"]
 
 
 def _run(folder: Path, seed: int, workers: int) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -462,20 +462,18 @@ def config_from_detectron2(cfg: Detectron2Config) -> Mask2AnomalyConfig:
     backbone = _resnet_config(cfg) if kind == "resnet" else _swin_config(cfg)
     _input_is_bgr(cfg)
     num_classes = _as_int(cfg, "MODEL.SEM_SEG_HEAD.NUM_CLASSES")
-    names, dataset = _class_names(cfg, num_classes)
+    names, _ = _class_names(cfg, num_classes)
     decoder_name = cfg.get("MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME")
-    # The refinement classes are hard-coded as train ids 2..10 in the official `semantic_inference`.
-    refine_ids = [i for i in CITYSCAPES_REFINE_CLASS_IDS if i < num_classes]
     try:
-        return _mask2anomaly_config(cfg, backbone, names, decoder_name, dataset, refine_ids)
+        return _mask2anomaly_config(cfg, backbone, names, decoder_name)
     except ValueError as error:  # a value the model cannot be built with (0 queries, heads not dividing the width)
         if isinstance(error, Detectron2ConfigError):
             raise
         raise Detectron2ConfigError(f"{cfg.source}: {error}") from None
 
 
-def _mask2anomaly_config(cfg: Detectron2Config, backbone: Any, names: tuple[str, ...], decoder_name: str,
-                         dataset: str, refine_ids: list[int]) -> Mask2AnomalyConfig:
+def _mask2anomaly_config(cfg: Detectron2Config, backbone: Any, names: tuple[str, ...],
+                         decoder_name: str) -> Mask2AnomalyConfig:
     config = Mask2AnomalyConfig(
         backbone_config=backbone,
         feature_size=_as_int(cfg, "MODEL.SEM_SEG_HEAD.CONVS_DIM"),
@@ -507,9 +505,6 @@ def _mask2anomaly_config(cfg: Detectron2Config, backbone: Any, names: tuple[str,
         contrastive_loss=cfg.get("MODEL.MASK_FORMER.OOD_LOSS"),
         contrastive_margin=_as_float(cfg, "MODEL.MASK_FORMER.MARGIN"),
         contrastive_weight=_as_float(cfg, "MODEL.MASK_FORMER.OOD_WEIGHT"),
-        # The official StreetHazards script does not refine; the Cityscapes one does.
-        refine=dataset != "streethazards" and bool(refine_ids),
-        refine_class_ids=refine_ids,
         id2label=dict(enumerate(names)),
         label2id={name: i for i, name in enumerate(names)},
     )
@@ -523,7 +518,8 @@ def config_from_detectron2_yaml(path: str | os.PathLike) -> Mask2AnomalyConfig:
 
 @dataclass(frozen=True)
 class TestTimePreprocessing:
-    """The official test-time pre-processing of a config, channel order already RGB."""
+    """The official test-time pre-processing of a config, channel order already RGB, and its refinement rule
+    (image-processor settings, written to preprocessor_config.json, never to the network's config)."""
 
     shortest_edge: int
     longest_edge: int
@@ -531,10 +527,12 @@ class TestTimePreprocessing:
     image_std: tuple[float, float, float]
     size_divisibility: int
     input_is_bgr: bool
+    refine: bool = False
+    refine_class_ids: tuple[int, ...] = ()
 
 
 def preprocessing_from_detectron2(cfg: Detectron2Config) -> TestTimePreprocessing:
-    """Test-time resize, normalisation and padding of a detectron2 config. A BGR model's mean/std are
+    """Test-time resize, normalisation, padding and refinement of a detectron2 config. A BGR model's mean/std are
     returned in RGB order (the converter flips its first convolution to match)."""
     mean = [float(v) for v in _as_list(cfg, "MODEL.PIXEL_MEAN")]
     std = [float(v) for v in _as_list(cfg, "MODEL.PIXEL_STD")]
@@ -569,7 +567,17 @@ def preprocessing_from_detectron2(cfg: Detectron2Config) -> TestTimePreprocessin
         image_std=tuple(std),
         size_divisibility=divisibility,
         input_is_bgr=bgr,
+        **_refinement(cfg),
     )
+
+
+def _refinement(cfg: Detectron2Config) -> dict[str, Any]:
+    """The official refinement rule: train ids 2..10 (hard-coded in the official `semantic_inference`) of the
+    model's classes; the official StreetHazards script does not refine, the Cityscapes one does."""
+    num_classes = _as_int(cfg, "MODEL.SEM_SEG_HEAD.NUM_CLASSES")
+    _, dataset = _class_names(cfg, num_classes)
+    refine_ids = tuple(i for i in CITYSCAPES_REFINE_CLASS_IDS if i < num_classes)
+    return {"refine": dataset != "streethazards" and bool(refine_ids), "refine_class_ids": refine_ids}
 
 
 __all__ = [

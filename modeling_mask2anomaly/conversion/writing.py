@@ -41,10 +41,12 @@ def _empty_model(config: Mask2AnomalyConfig) -> Mask2AnomalyForUniversalSegmenta
 def save_image_processor(
     preprocessing: TestTimePreprocessing, config: Mask2AnomalyConfig, directory: str | os.PathLike
 ) -> None:
-    """Write `preprocessor_config.json`: the official test-time resize, normalisation and padding, and the
-    model's post-processing settings (refinement, flip TTA, ...)."""
+    """Write `preprocessor_config.json`: the official test-time resize, normalisation, padding and refinement rule
+    (the other post-processing settings keep the processor's defaults: flip TTA, the paper's scorer)."""
     processor = Mask2AnomalyImageProcessor.from_model_config(
         config,
+        refine=preprocessing.refine,
+        refine_class_ids=list(preprocessing.refine_class_ids),
         size={"shortest_edge": preprocessing.shortest_edge, "longest_edge": preprocessing.longest_edge},
         # the processor rescales by 1/255 before normalising, so the 0..255 statistics are divided by 255
         image_mean=[v / 255.0 for v in preprocessing.image_mean],

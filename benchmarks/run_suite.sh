@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole performance suite of benchmarks/RESULTS.md in one go, on the CPU or on a GPU:
 #
-#     bash benchmarks/run_suite.sh            # CPU (this project's 2-core machine: about 25 minutes)
+#     bash benchmarks/run_suite.sh            # CPU (this project's 2-core machine: about 90 minutes, 60 of them
+#                                         the deployment forms at 1024x2048)
 #     bash benchmarks/run_suite.sh cuda       # GPU: adds the bf16-autocast and torch.compile variants
 #
 # Everything printed also goes to outputs/benchmarks/suite-<device>-<date>.txt. Each script measures both sides
@@ -29,6 +30,7 @@ if [ "$device" = cpu ]; then
     run "$PY" benchmarks/bench_pixel_metrics.py
     OMP_NUM_THREADS=1 run "$PY" benchmarks/bench_training.py --steps 5 --repeats 4 --num-workers 2 --unfrozen
     run "$PY" benchmarks/bench_predict.py --quick --profile
+    run "$PY" benchmarks/bench_backends.py --threads 2 --repeats 3 --profile
 else
     for variant in "" "--autocast bf16" "--compile" "--autocast bf16 --compile"; do
         # shellcheck disable=SC2086

@@ -241,15 +241,26 @@ def test_cli_compile_compiles_the_model(monkeypatch, tmp_path, capsys):
 
 
 def test_bench_backends_runs_and_prints_ratios():
-    """The benchmark script's table (tiny config, torch forms only: the ONNX forms need an export per size)."""
+    """The benchmark script's two tables (tiny config, torch forms only: the ONNX forms need an export per size)."""
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_backends.py"), "--config", "tiny", "--sizes", "64x128",
-         "--repeats", "1", "--forms", "stock", "eager", "--end-to-end", "--threads", "1"],
+         "--repeats", "1", "--forms", "stock", "before", "eager", "--threads", "1"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith("  ")}
-    assert rows["stock"][2] == "1.00" and rows["eager"][-1] == "0.0e+00"
+    tables: dict[str, dict[str, list[str]]] = {}
+    for line in done.stdout.splitlines():
+        if line.strip() in ("forward:", "end-to-end:"):
+            table = tables.setdefault(line.strip()[:-1], {})
+        elif line.startswith("  ") and line.split()[0] in ("stock", "before", "eager"):
+            table[line.split()[0]] = line.split()
+    assert set(tables) == {"forward", "end-to-end"}
+    for mode, rows in tables.items():
+        assert set(rows) == {"stock", "before", "eager"}
+        assert rows["stock"][3] == "1.00" and rows["stock"][6] == "1.000"  # its own ratio, its decoder's ratio
+        assert float(rows["before"][4]) > 0 and rows["before"][5].endswith("%")  # the pixel decoder's time, share
+    assert tables["forward"]["eager"][7].endswith("%")  # fraction of the matmul peak
+    assert tables["end-to-end"]["eager"][-1] == "0.0e+00"  # the reference of the map differences
 
 
 def test_cli_backend_names_are_the_backends():

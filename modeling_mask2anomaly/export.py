@@ -417,10 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_size(args.height, args.width)
         info = export_folder(args.model, args.output_dir, args.height, args.width, args.batch_size, args.dynamic,
                              args.opset, verify=args.verify, atol=args.atol)
-    except MissingExtraError as err:
-        print(f"mask2anomaly-export: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
+    except (MissingExtraError, FileNotFoundError) as err:
         print(f"mask2anomaly-export: {err}", file=sys.stderr)
         return 2
     except ValueError as err:

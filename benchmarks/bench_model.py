@@ -139,7 +139,7 @@ def run(name: str, height: int, width: int, repeats: int, device: str = "cpu", a
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["paper", "tiny"], choices=["paper", "tiny"])
     parser.add_argument("--height", type=int, default=512)
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autocast", choices=["bf16"], default=None, help="bf16 autocast around the forward")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
     except ValueError as err:

@@ -108,7 +108,7 @@ def worker(side: str, out_path: str, runs: int, device: torch.device) -> None:
     json.dump({"times": times, "peak_extra_mb": (peak - baseline) / 2**20}, sys.stdout)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="subprocesses per side, alternating")
     parser.add_argument("--runs", type=int, default=2, help="timed runs inside each subprocess (median kept)")
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the inputs live and the work runs")
     parser.add_argument("--worker", choices=["ours", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker:  # the parent has checked the device; the workers import nothing they do not measure
         worker(args.worker, args.out, args.runs, torch.device(args.device))

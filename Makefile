@@ -22,7 +22,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check --quiet .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadgroup tests
 
 demo: $(STAMP)
 	@$(VENV)/bin/mask2anomaly-predict --model demo_model --output-dir $(DEMO_OUT) samples/

@@ -17,18 +17,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shared_paths import REPO_ROOT
+from shared_paths import REPO_ROOT, SHARES_DEMO_EXPORT
 from tiny_models import random_image
 from transformers.image_utils import SizeDict
 
 from modeling_mask2anomaly.backends import (
+    Backend,
     MissingExtraError,
     OnnxRuntimeBackend,
     OpenVINOBackend,
     TorchBackend,
     load_backend,
 )
-from modeling_mask2anomaly.export import export_folder
 from modeling_mask2anomaly.inference import backend_input_size, load_model_and_processor, predict_anomaly
 from modeling_mask2anomaly.predict import main
 
@@ -39,15 +39,13 @@ EXPORT_SIZE = (128, 256)  # the demo processor's size for 1:2 road images (short
 MAP_ATOL = 1e-4
 RUNTIMES = {"onnxruntime": OnnxRuntimeBackend, "openvino": OpenVINOBackend}
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), SHARES_DEMO_EXPORT]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    """The demo model exported at 128x256, batch 1 (a fixed-size, fixed-batch graph)."""
-    folder = tmp_path_factory.mktemp("backends") / "demo_onnx"
-    export_folder(DEMO, folder, *EXPORT_SIZE, verify=())
-    return folder
+@pytest.fixture
+def exported(demo_onnx) -> Path:
+    """The demo model exported at 128x256 (fixed size, dynamic batch; conftest's `demo_onnx`)."""
+    return demo_onnx
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +85,48 @@ def test_runtime_maps_equal_the_torch_backend(exported, runtime):
     torch_backend, processor = load_backend(DEMO, "torch")
     backend, exported_processor = load_backend(exported, runtime)
     assert isinstance(backend, RUNTIMES[runtime])
-    assert backend.input_size == EXPORT_SIZE and backend.batch_size == 1
+    assert backend.input_size == EXPORT_SIZE and backend.batch_size is None  # fixed size, dynamic batch
     assert exported_processor.to_dict() == processor.to_dict()
     reference = predict_anomaly(torch_backend, processor, images)  # flip TTA and refinement on (the defaults)
-    # batch_size 3 on a batch-1 graph: run in chunks, the last one filled up
-    results = predict_anomaly(backend, exported_processor, images, batch_size=3)
+    results = predict_anomaly(backend, exported_processor, images, batch_size=3)  # batches of 3 and 2
     for ref, got in zip(reference, results):
         np.testing.assert_allclose(got.anomaly_map, ref.anomaly_map, atol=MAP_ATOL, rtol=0)
         assert (got.semantic_map == ref.semantic_map).mean() > 0.999
     # the Python API loads an exported folder by name
     (by_name,) = predict_anomaly(exported, None, images[0], backend=runtime)
     np.testing.assert_array_equal(by_name.anomaly_map, results[0].anomaly_map)
+
+
+class FixedBatchOfTwo(Backend):
+    """The demo model behind a graph of fixed batch 2 (what `mask2anomaly-export --batch-size 2` writes), recording
+    the batch of every forward."""
+
+    name = "fixed"
+    batch_size = 2
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.batches = model, []
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.batches.append(len(pixel_values))
+        with torch.no_grad():
+            outputs = self.model(pixel_values=pixel_values)
+        return outputs.class_queries_logits, outputs.masks_queries_logits
+
+
+def test_fixed_batch_graph_runs_in_chunks_the_last_one_filled_up(demo):
+    """5 images in one batch on a batch-2 graph: forwards of 2, 2 and 2 (the fifth image and a zero image whose
+    outputs are dropped); the maps are those of the model run one image at a time."""
+    model, processor = demo
+    images = [_rgb(path) for path in SAMPLES]
+    assert len(images) == 5
+    backend = FixedBatchOfTwo(model)
+    results = predict_anomaly(backend, processor, images, batch_size=5, flip_tta=False)
+    assert backend.batches == [2, 2, 2]
+    for image, got in zip(images, results):
+        (ref,) = predict_anomaly(model, processor, image, flip_tta=False)
+        np.testing.assert_allclose(got.anomaly_map, ref.anomaly_map, atol=1e-5, rtol=0)
+        assert (got.semantic_map == ref.semantic_map).mean() > 0.999
 
 
 def test_torch_backend_is_the_model(demo):
@@ -255,7 +284,7 @@ def test_bench_backends_runs_and_prints_ratios():
         elif line.startswith("  ") and line.split()[0] in ("stock", "before", "eager"):
             table[line.split()[0]] = line.split()
     assert set(tables) == {"forward", "end-to-end"}
-    for mode, rows in tables.items():
+    for rows in tables.values():
         assert set(rows) == {"stock", "before", "eager"}
         assert rows["stock"][3] == "1.00" and rows["stock"][6] == "1.000"  # its own ratio, its decoder's ratio
         assert float(rows["before"][4]) > 0 and rows["before"][5].endswith("%")  # the pixel decoder's time, share

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shared_paths import LAUNCHES_ACCELERATE
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 from tiny_models import synthroad_eval_setup
 
@@ -119,6 +120,7 @@ def test_runner_skips_bad_items_and_exits_non_zero(setup, tmp_path):
     assert "failed" in (tmp_path / "out" / "synthroad.md").read_text()
 
 
+@LAUNCHES_ACCELERATE
 def test_two_processes_equal_one(setup, one_process, tmp_path):
     root, data, *_ = setup
     _, single, _ = one_process

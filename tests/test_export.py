@@ -20,6 +20,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from shared_paths import SHARES_DEMO_EXPORT
 
 from modeling_mask2anomaly import Mask2AnomalyConfig, Mask2AnomalyForUniversalSegmentation
 from modeling_mask2anomaly.conversion import convert_checkpoint
@@ -45,14 +46,11 @@ MAP_ATOL = 1e-4
 RUNTIMES = ("onnxruntime", "openvino")
 
 
-@pytest.fixture(scope="module")
-def demo_export(tmp_path_factory):
-    """The demo model exported by the CLI at 128x256 with a dynamic batch, verified by both runtimes at export
-    time (the fixture models below are exported with a fixed batch)."""
-    out = tmp_path_factory.mktemp("export") / "demo_onnx"
-    assert main([str(DEMO), "--output-dir", str(out), "--height", "128", "--width", "256", "--dynamic",
-                 "--verify", "onnxruntime", "openvino"]) == 0
-    return out
+@pytest.fixture
+def demo_export(demo_onnx):
+    """The demo model exported at 128x256 with a dynamic batch (conftest's `demo_onnx`; the fixture models below are
+    exported with a fixed batch)."""
+    return demo_onnx
 
 
 def _check_runtime(model, processor, onnx_path, images: list[np.ndarray], runtime: str) -> None:
@@ -78,6 +76,7 @@ def _check_runtime(model, processor, onnx_path, images: list[np.ndarray], runtim
     assert all(differences[k] <= limits[k] for k in limits), (runtime, differences)
 
 
+@SHARES_DEMO_EXPORT
 def test_folder_holds_the_model_configs_and_readme(demo_export):
     files = {p.name for p in demo_export.iterdir()}
     assert {"model.onnx", "config.json", "preprocessor_config.json", "README.md", "export.json"} <= files
@@ -104,6 +103,7 @@ def test_folder_holds_the_model_configs_and_readme(demo_export):
     assert dims == ["batch", 3, 128, 256]
 
 
+@SHARES_DEMO_EXPORT
 def test_only_standard_onnx_operators(demo_export):
     """Every node is in the default ONNX domain and is an operator ONNX's schema registry knows at the model's
     opset; the deformable attention became GridSample."""
@@ -119,6 +119,7 @@ def test_only_standard_onnx_operators(demo_export):
     assert opsets["ai.onnx"] >= 16
 
 
+@SHARES_DEMO_EXPORT
 def test_no_float64_anywhere_and_grid_sample_is_float32(demo_export):
     """What made ONNX Runtime refuse an earlier export: a float64 sampling grid next to float32 values."""
     model = onnx.shape_inference.infer_shapes(onnx.load(str(demo_export / "model.onnx")))
@@ -132,6 +133,7 @@ def test_no_float64_anywhere_and_grid_sample_is_float32(demo_export):
         assert [types[name] for name in node.input] == [onnx.TensorProto.FLOAT] * 2
 
 
+@SHARES_DEMO_EXPORT
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_demo_model_runtime_parity(demo_export, runtime):
     model = Mask2AnomalyForUniversalSegmentation.from_pretrained(DEMO).eval()
@@ -157,6 +159,7 @@ def test_models_converted_from_official_fixtures_run_alike(fixture, tmp_path):
         _check_runtime(model, processor, onnx_path, [image], runtime)
 
 
+@SHARES_DEMO_EXPORT
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_dynamic_batch(demo_export, runtime):
     model = Mask2AnomalyForUniversalSegmentation.from_pretrained(DEMO).eval()
@@ -166,6 +169,7 @@ def test_dynamic_batch(demo_export, runtime):
         _check_runtime(model, processor, demo_export / "model.onnx", batch, runtime)
 
 
+@SHARES_DEMO_EXPORT
 def test_other_sizes_are_refused_by_the_runtime(demo_export):
     """Height and width are fixed in the graph; ONNX Runtime refuses another size rather than mis-computing."""
     run = load_runtime(demo_export / "model.onnx", "onnxruntime")
@@ -176,6 +180,7 @@ def test_other_sizes_are_refused_by_the_runtime(demo_export):
 @pytest.mark.parametrize(
     "module,runtime,extra", [("onnxruntime", "onnxruntime", "onnx"), ("openvino", "openvino", "openvino")]
 )
+@SHARES_DEMO_EXPORT
 def test_missing_runtime_names_the_extra(demo_export, monkeypatch, module, runtime, extra):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(MissingExtraError, match=rf"^{module} is not installed; install the \[{extra}\] extra"):

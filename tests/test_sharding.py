@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shared_paths import LAUNCHES_ACCELERATE
 from tiny_models import random_image, save_tiny_model
 
 from modeling_mask2anomaly.predict import main
@@ -104,6 +105,7 @@ def test_num_processes_shards_like_one_process(workspace, tmp_path, capfd, monke
     _check_like_one_process(workspace, out, captured.out)
 
 
+@LAUNCHES_ACCELERATE
 def test_accelerate_launch_shards_like_one_process(workspace, tmp_path):
     out = tmp_path / "accelerate"
     accelerate = Path(sys.executable).with_name("accelerate")

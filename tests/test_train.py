@@ -22,6 +22,7 @@ import yaml
 from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file
+from shared_paths import LAUNCHES_ACCELERATE
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tiny_models import ANOMALY_SPLIT, tiny_config
 from tiny_models import TINY_TRAINING as TINY
@@ -371,6 +372,7 @@ def test_stage2_from_a_stage1_folder_freezes_the_backbone(stage1_run, tmp_path):
     assert set(final) == {"anomaly_auprc", "anomaly_fpr95", "anomaly_auroc"}
 
 
+@LAUNCHES_ACCELERATE
 def test_two_process_accelerate_launch(tmp_path):
     output = tmp_path / "ddp"
     command = [

@@ -49,24 +49,24 @@ def iou_from_confusion(confusion: np.ndarray) -> tuple[np.ndarray, float]:
 def evaluate_semantic(model_path: str, data_dir: str | Path, limit: int | None = None,
                       batch_size: int = 1, device: str = "cpu") -> dict:
     """mIoU, pixel accuracy and per-class IoU of `model_path` on `data_dir` (see the module docstring)."""
-    from PIL import Image
-
     from modeling_mask2anomaly.inference import iter_predict_anomaly, load_model_and_processor
 
+    from .datasets import _paired_folders  # imported here: it loads transformers, which --help does not need
+
     data_dir = Path(data_dir)
-    images = sorted((data_dir / "images").glob("*.png"))[:limit]
-    if not images:
-        raise FileNotFoundError(f"no images/*.png in {data_dir}")
-    labels = [data_dir / "labels" / image.name for image in images]
-    for path in labels:
-        if not path.is_file():
-            raise FileNotFoundError(f"label {path} not found for image {path.name}")
+    pairs = _paired_folders(("images",), ("labels",))(data_dir)[:limit]  # the benchmark readers' pairing
+    if not pairs:
+        raise FileNotFoundError(f"no images in {data_dir / 'images'}")
+    for image, label in pairs:
+        if label is None:
+            raise FileNotFoundError(f"label {data_dir / 'labels' / (image.stem + '.png')} not found for image "
+                                    f"{image.name}")
+    images, labels = [image for image, _ in pairs], [label for _, label in pairs]
     model, processor = load_model_and_processor(model_path, device=device)
     num_classes = int(model.config.num_labels)
     id2label = getattr(model.config, "id2label", None) or {}
     confusion = np.zeros((num_classes, num_classes), np.int64)
-    rgb = (np.array(Image.open(path).convert("RGB")) for path in images)
-    for prediction, label_path in zip(iter_predict_anomaly(model, processor, rgb, flip_tta=False, refine=False,
+    for prediction, label_path in zip(iter_predict_anomaly(model, processor, images, flip_tta=False, refine=False,
                                                            batch_size=batch_size), labels):
         confusion += confusion_matrix(prediction.semantic_map, read_label_png(label_path), num_classes)
     iou, miou = iou_from_confusion(confusion)

@@ -267,7 +267,13 @@ def _demo_copy(folder: Path, **record_changes) -> Path:
 def test_card_of_a_synthroad_run_tells_its_own_recipe(tmp_path):
     """A SynthRoad run stopped by --max-steps 4: the card gives the steps it made (4), once, and its own data and
     learning rate, not the config's 200 steps nor the official Cityscapes recipe."""
-    text = ModelCard.load(write_model_card(_demo_copy(tmp_path / "run", max_steps=4))).text
+    command = ("mask2anomaly-train --config synthroad --stage 2 --init-from outputs/m2a-stage1 "
+               "--output-dir outputs/m2a-final --max-steps 4")
+    record = yaml.safe_load((DEMO_MODEL / "training_config.yaml").read_text())
+    record["config"]["data"]["train"]["num"] = 2000
+    folder = _demo_copy(tmp_path / "run", max_steps=4, command=command, init_from="outputs/m2a-stage1",
+                        config=record["config"])
+    text = ModelCard.load(write_model_card(folder)).text
     training = text[text.index("## Training"):text.index("## Limitations")]
     assert "| max_steps | `4` |" in training and "`200`" not in training and training.count("max_steps") == 1
     assert ("Stage 2 (outlier exposure): 4 optimizer steps of 8 images on 2000 SynthRoad scenes (split train, "

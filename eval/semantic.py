@@ -68,7 +68,10 @@ def evaluate_semantic(model_path: str, data_dir: str | Path, limit: int | None =
     confusion = np.zeros((num_classes, num_classes), np.int64)
     for prediction, label_path in zip(iter_predict_anomaly(model, processor, images, flip_tta=False, refine=False,
                                                            batch_size=batch_size), labels):
-        confusion += confusion_matrix(prediction.semantic_map, read_label_png(label_path), num_classes)
+        try:
+            confusion += confusion_matrix(prediction.semantic_map, read_label_png(label_path), num_classes)
+        except ValueError as err:
+            raise ValueError(f"{label_path}: {err}") from None
     iou, miou = iou_from_confusion(confusion)
     return {
         "model": str(model_path), "data_dir": str(data_dir), "images": len(images),
@@ -89,7 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_threads_argument(parser)
     args = parser.parse_args(argv)
     apply_threads(args.threads)
-    result = evaluate_semantic(args.model, args.data_dir, limit=args.limit, batch_size=args.batch_size)
+    from modeling_mask2anomaly.inference import ModelNotFoundError  # here: it loads transformers, --help does not
+
+    try:
+        result = evaluate_semantic(args.model, args.data_dir, limit=args.limit, batch_size=args.batch_size)
+    except ModelNotFoundError as err:
+        print(f"{parser.prog}: --model: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:  # the data folder: missing images/labels, a bad label file
+        print(f"{parser.prog}: --data-dir: {err}", file=sys.stderr)
+        return 2
     text = json.dumps(result, indent=2)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -52,3 +52,26 @@ def test_command_on_a_val_folder(tmp_path, capsys):
     road = np.mean(labels[labels != 255] == ROAD)
     assert result["pixel_accuracy"] == pytest.approx(road, abs=0.05)  # road everywhere: accuracy = road's share
     assert "mIoU" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line_naming_it(tmp_path, capsys):
+    data = tmp_path / "val"
+    assert synthroad_main(["--split", "val", "--num", "2", "--height", "64", "--width", "128",
+                           "--output-dir", str(data)]) == 0
+    model = save_tiny_model(tmp_path / "model", behaviour="normal")
+    capsys.readouterr()
+
+    assert main(["--model", str(tmp_path / "absent"), "--data-dir", str(data)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--model: model folder not found: {tmp_path / 'absent'}")
+
+    assert main(["--model", str(model), "--data-dir", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--data-dir: missing folder {tmp_path / 'nothing' / 'images'}")
+
+    bad = sorted((data / "labels").glob("*.png"))[1]
+    Image.fromarray(np.zeros((10, 20), np.uint8)).save(bad)  # not the image's size
+    out = tmp_path / "miou.json"
+    assert main(["--model", str(model), "--data-dir", str(data), "--output", str(out)]) == 2
+    err = capsys.readouterr().err  # above the message: transformers' weight-loading progress bar
+    assert "Traceback" not in err
+    assert f"--data-dir: {bad}: " in err.strip().splitlines()[-1] and "differ in size" in err.strip().splitlines()[-1]
+    assert not out.exists()  # no result written for a folder that could not be scored

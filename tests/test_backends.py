@@ -35,7 +35,7 @@ from modeling_mask2anomaly.predict import main
 ROOT = REPO_ROOT
 DEMO = ROOT / "demo_model"
 SAMPLES = sorted((ROOT / "samples").glob("*.png"))
-EXPORT_SIZE = (128, 256)  # the demo processor's size for 1:2 road images (shortest side 128)
+EXPORT_SIZE = (192, 384)  # the demo processor's size for 1:2 road images (shortest side 192)
 MAP_ATOL = 1e-4
 RUNTIMES = {"onnxruntime": OnnxRuntimeBackend, "openvino": OpenVINOBackend}
 
@@ -44,7 +44,7 @@ pytestmark = [pytest.mark.usefixtures("single_thread"), SHARES_DEMO_EXPORT]
 
 @pytest.fixture
 def exported(demo_onnx) -> Path:
-    """The demo model exported at 128x256 (fixed size, dynamic batch; conftest's `demo_onnx`)."""
+    """The demo model exported at 192x384 (fixed size, dynamic batch; conftest's `demo_onnx`)."""
     return demo_onnx
 
 
@@ -81,8 +81,8 @@ def _reference(model, processor, rgb: np.ndarray, fitted: tuple[int, int], pad: 
 @pytest.mark.parametrize("runtime", sorted(RUNTIMES))
 def test_runtime_maps_equal_the_torch_backend(exported, runtime):
     images = [_rgb(path) for path in SAMPLES]
-    assert all(image.shape[:2] == EXPORT_SIZE for image in images)
     torch_backend, processor = load_backend(DEMO, "torch")
+    assert all(processor.processed_size(image.shape[:2]) == EXPORT_SIZE for image in images)  # 128x256 enlarged
     backend, exported_processor = load_backend(exported, runtime)
     assert isinstance(backend, RUNTIMES[runtime])
     assert backend.input_size == EXPORT_SIZE and backend.batch_size is None  # fixed size, dynamic batch
@@ -152,23 +152,23 @@ def test_fixed_size_graph_pads_smaller_images(exported, demo, runtime):
 
 
 def test_fixed_size_graph_shrinks_larger_images(exported, demo):
-    """A portrait image (processed 256x128, taller than the 128x256 graph) is shrunk to the largest size of its
-    aspect ratio that fits, 128x64, then padded."""
+    """A portrait image (processed 384x192, taller than the 192x384 graph) is shrunk to the largest size of its
+    aspect ratio that fits, 192x96, then padded."""
     model, processor = demo
     backend, _ = load_backend(exported, "onnxruntime")
     portrait = random_image(120, 60, seed=6)
-    assert processor.processed_size(portrait.shape[:2]) == (256, 128)
-    assert backend_input_size(processor, portrait.shape[:2], input_size=backend.input_size) == (128, 64)
+    assert processor.processed_size(portrait.shape[:2]) == (384, 192)
+    assert backend_input_size(processor, portrait.shape[:2], input_size=backend.input_size) == (192, 96)
     (result,) = predict_anomaly(backend, processor, portrait)
     assert result.anomaly_map.shape == (120, 60)
-    reference = _reference(model, processor, portrait, (128, 64), EXPORT_SIZE, flip=True)
+    reference = _reference(model, processor, portrait, (192, 96), EXPORT_SIZE, flip=True)
     np.testing.assert_allclose(result.anomaly_map, reference, atol=MAP_ATOL, rtol=0)
 
 
 def test_fixed_size_graph_refuses_large_images_without_resize(exported, demo, tmp_path, capsys):
     _, processor = demo
     with pytest.raises(ValueError, match=r"an image of 200x300 \(not resized\) is larger than the exported model's "
-                                         r"fixed input 128x256; resize it"):
+                                         r"fixed input 192x384; resize it"):
         backend_input_size(processor, (200, 300), do_resize=False, input_size=EXPORT_SIZE)
     images = tmp_path / "images"
     images.mkdir()
@@ -236,7 +236,7 @@ def test_api_refuses_mismatched_backend_arguments(exported, demo):
         predict_anomaly(backend, processor, _rgb(SAMPLES[0]), backend="openvino")
     with pytest.raises(ValueError, match="image_processor is needed"):
         predict_anomaly(model, None, _rgb(SAMPLES[0]))
-    with pytest.raises(ValueError, match="takes 128x256 inputs only; got pixel_values of 64x64"):
+    with pytest.raises(ValueError, match="takes 192x384 inputs only; got pixel_values of 64x64"):
         backend(torch.zeros(1, 3, 64, 64))
 
 

@@ -48,7 +48,7 @@ RUNTIMES = ("onnxruntime", "openvino")
 
 @pytest.fixture
 def demo_export(demo_onnx):
-    """The demo model exported at 128x256 with a dynamic batch (conftest's `demo_onnx`; the fixture models below are
+    """The demo model exported at 192x384 with a dynamic batch (conftest's `demo_onnx`; the fixture models below are
     exported with a fixed batch)."""
     return demo_onnx
 
@@ -90,7 +90,7 @@ def test_folder_holds_the_model_configs_and_readme(demo_export):
     processor = Mask2AnomalyImageProcessor.from_pretrained(demo_export)
     assert processor.to_dict() == Mask2AnomalyImageProcessor.from_pretrained(DEMO).to_dict()
     info = json.loads((demo_export / "export.json").read_text())
-    assert info["input"] == {"name": "pixel_values", "shape": ["batch", 3, 128, 256], "dtype": "float32", "dynamic": True}
+    assert info["input"] == {"name": "pixel_values", "shape": ["batch", 3, 192, 384], "dtype": "float32", "dynamic": True}
     for runtime in RUNTIMES:
         assert max(info["parity_max_abs_difference"][runtime].values()) <= LOGIT_ATOL
     assert set(info["parity_max_abs_difference"]) == {"torch_float32", *RUNTIMES}
@@ -100,7 +100,7 @@ def test_folder_holds_the_model_configs_and_readme(demo_export):
     assert [i.name for i in graph.input] == ["pixel_values"]
     assert [o.name for o in graph.output] == ["class_queries_logits", "masks_queries_logits"]
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-    assert dims == ["batch", 3, 128, 256]
+    assert dims == ["batch", 3, 192, 384]
 
 
 @SHARES_DEMO_EXPORT

@@ -59,9 +59,9 @@ def test_every_scorer_calls_some_but_not_most_pixels_anomalous(areas):
 
 def test_unclaimed_pixel_scorers_agree_with_the_papers_score_on_the_area(areas):
     """mask2anomaly, rba, eam and max_logit state one rule (no class claims the pixel) in their own units: their
-    areas stay within a few points of the paper's score's; energy's within 2x (msp measures ambiguity between the
+    areas stay within a few points of the paper's score's; energy's within 3x (msp measures ambiguity between the
     classes, another rule: it is only held to the first test)."""
     for stem, reference in areas["mask2anomaly"].items():
         for name in ("rba", "eam", "max_logit"):
             assert abs(areas[name][stem] - reference) < 8.0, (name, stem, areas[name][stem], reference)
-        assert reference / 2 < areas["energy"][stem] < 2 * reference, (stem, areas["energy"][stem], reference)
+        assert reference / 3 < areas["energy"][stem] < 3 * reference, (stem, areas["energy"][stem], reference)

@@ -46,32 +46,54 @@ def iou_from_confusion(confusion: np.ndarray) -> tuple[np.ndarray, float]:
     return iou, float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
 
+class DataFolderError(ValueError):
+    """The data folder cannot be scored: no images, an image without its label, a label that cannot be read or
+    is not the image's size. The message names the file."""
+
+
+class ModelLoadError(ValueError):
+    """A model folder that exists but cannot be loaded (a broken config.json, unreadable weights)."""
+
+
 def evaluate_semantic(model_path: str, data_dir: str | Path, limit: int | None = None,
                       batch_size: int = 1, device: str = "cpu") -> dict:
     """mIoU, pixel accuracy and per-class IoU of `model_path` on `data_dir` (see the module docstring)."""
-    from modeling_mask2anomaly.inference import iter_predict_anomaly, load_model_and_processor
+    from modeling_mask2anomaly.inference import ModelNotFoundError, iter_predict_anomaly, load_model_and_processor
 
     from .datasets import _paired_folders  # imported here: it loads transformers, which --help does not need
 
     data_dir = Path(data_dir)
-    pairs = _paired_folders(("images",), ("labels",))(data_dir)[:limit]  # the benchmark readers' pairing
+    try:
+        pairs = _paired_folders(("images",), ("labels",))(data_dir)[:limit]  # the benchmark readers' pairing
+    except (OSError, ValueError) as err:
+        raise DataFolderError(str(err)) from None
     if not pairs:
-        raise FileNotFoundError(f"no images in {data_dir / 'images'}")
+        raise DataFolderError(f"no images in {data_dir / 'images'}")
     for image, label in pairs:
         if label is None:
-            raise FileNotFoundError(f"label {data_dir / 'labels' / (image.stem + '.png')} not found for image "
-                                    f"{image.name}")
+            raise DataFolderError(f"label {data_dir / 'labels' / (image.stem + '.png')} not found for image "
+                                  f"{image.name}")
     images, labels = [image for image, _ in pairs], [label for _, label in pairs]
-    model, processor = load_model_and_processor(model_path, device=device)
+    try:
+        model, processor = load_model_and_processor(model_path, device=device)
+    except ModelNotFoundError:
+        raise
+    except (OSError, ValueError) as err:  # the folder exists but does not load
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelLoadError(f"cannot load {model_path}: {reason}") from None
     num_classes = int(model.config.num_labels)
     id2label = getattr(model.config, "id2label", None) or {}
     confusion = np.zeros((num_classes, num_classes), np.int64)
-    for prediction, label_path in zip(iter_predict_anomaly(model, processor, images, flip_tta=False, refine=False,
-                                                           batch_size=batch_size), labels):
+    predictions = iter_predict_anomaly(model, processor, images, flip_tta=False, refine=False, batch_size=batch_size)
+    for label_path in labels:
+        try:
+            prediction = next(predictions)  # an image that cannot be read is refused here, by name
+        except (OSError, ValueError) as err:
+            raise DataFolderError(str(err)) from None
         try:
             confusion += confusion_matrix(prediction.semantic_map, read_label_png(label_path), num_classes)
-        except ValueError as err:
-            raise ValueError(f"{label_path}: {err}") from None
+        except (OSError, ValueError) as err:
+            raise DataFolderError(f"{label_path}: {err}") from None
     iou, miou = iou_from_confusion(confusion)
     return {
         "model": str(model_path), "data_dir": str(data_dir), "images": len(images),
@@ -96,10 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = evaluate_semantic(args.model, args.data_dir, limit=args.limit, batch_size=args.batch_size)
-    except ModelNotFoundError as err:
+    except (ModelNotFoundError, ModelLoadError) as err:
         print(f"{parser.prog}: --model: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:  # the data folder: missing images/labels, a bad label file
+    except DataFolderError as err:  # missing images/labels, a bad label file
         print(f"{parser.prog}: --data-dir: {err}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=2)

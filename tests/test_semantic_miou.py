@@ -75,3 +75,34 @@ def test_bad_input_is_one_line_naming_it(tmp_path, capsys):
     assert "Traceback" not in err
     assert f"--data-dir: {bad}: " in err.strip().splitlines()[-1] and "differ in size" in err.strip().splitlines()[-1]
     assert not out.exists()  # no result written for a folder that could not be scored
+
+
+def test_a_model_folder_that_does_not_load_is_named_as_the_model(tmp_path, capsys):
+    """A data folder that is fine and a model folder with a broken config.json: the error names --model and the
+    folder (it used to be labelled --data-dir, or to escape as a traceback)."""
+    data = tmp_path / "val"
+    assert synthroad_main(["--split", "val", "--num", "1", "--height", "64", "--width", "128",
+                           "--output-dir", str(data)]) == 0
+    model = save_tiny_model(tmp_path / "model", behaviour="normal")
+    (model / "config.json").write_text("{not json")
+    capsys.readouterr()
+    assert main(["--model", str(model), "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert f"--model: cannot load {model}: " in last and "--data-dir" not in last
+
+
+def test_an_unreadable_image_is_named_as_data(tmp_path, capsys):
+    data = tmp_path / "val"
+    assert synthroad_main(["--split", "val", "--num", "2", "--height", "64", "--width", "128",
+                           "--output-dir", str(data)]) == 0
+    model = save_tiny_model(tmp_path / "model", behaviour="normal")
+    broken = sorted((data / "images").glob("*.png"))[1]
+    broken.write_bytes(b"not a png")
+    capsys.readouterr()
+    assert main(["--model", str(model), "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "--data-dir: " in last and broken.name in last

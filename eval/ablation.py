@@ -8,8 +8,8 @@ C. + mask contrastive loss with outlier exposure (stage 2 from B)
 D. + mask refinement
 E. + flip test-time augmentation
 
-Missing runs are trained with ``mask2anomaly-train`` (stage 1 twice, with and without GMA, then stage 2 from the
-GMA run), the SynthRoad test splits are generated with ``mask2anomaly-synthroad``, every row is evaluated with
+Missing runs are trained with ``mask2anomaly-train`` (stage 1 twice, with and without GMA, each as the config's
+recipe has it: one command, or two when the config sets ``stage1_continuation``; then stage 2 from the GMA run), the SynthRoad test splits are generated with ``mask2anomaly-synthroad``, every row is evaluated with
 ``mask2anomaly-eval`` on both splits, and the markdown table is printed and written next to the runs::
 
     python -m mask2anomaly_eval.ablation --config synthroad --output-dir outputs/ablation
@@ -56,16 +56,36 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def stage1_continuation(config: str) -> list[str]:
+    """The overrides of the config's second stage-1 command (`stage1_continuation`; empty: none)."""
+    from mask2anomaly_training.config import is_override, load_config  # only here: --help needs nothing heavy
+
+    overrides = list(load_config(config).stage1_continuation)
+    for override in overrides:
+        if not is_override(override):
+            raise ValueError(f"config {config!r}: stage1_continuation entry {override!r} is not a key=value override")
+    return overrides
+
+
 def train_missing(config: str, runs: dict[str, Path]) -> None:
-    """Train the three runs that do not exist yet (a folder with config.json counts as done)."""
-    jobs = (
-        ("nogma_stage1", ["--stage", "1", "model.config.global_masked_attention=false"]),
-        ("gma_stage1", ["--stage", "1"]),
-        ("gma_stage2", ["--stage", "2", "--init-from", str(runs["gma_stage1"])]),
-    )
-    for key, args in jobs:
-        if not (runs[key] / "config.json").exists():
-            _run([_bin("mask2anomaly-train"), "--config", config, "--output-dir", str(runs[key]), *args])
+    """Train the three runs that do not exist yet (a folder with config.json counts as done), each stage 1 as
+    the config's recipe has it: one command, or two when it sets `stage1_continuation` (the first writes
+    `<run>-part1`, the second continues from it into the run's folder)."""
+    continuation = stage1_continuation(config)
+    train = [_bin("mask2anomaly-train"), "--config", config]
+    for key, extra in (("nogma_stage1", ["model.config.global_masked_attention=false"]), ("gma_stage1", [])):
+        if (runs[key] / "config.json").exists():
+            continue
+        if continuation:
+            first = runs[key].with_name(runs[key].name + "-part1")
+            if not (first / "config.json").exists():
+                _run([*train, "--output-dir", str(first), "--stage", "1", *extra])
+            _run([*train, "--output-dir", str(runs[key]), "--stage", "1", "--init-from", str(first), *extra,
+                  *continuation])
+        else:
+            _run([*train, "--output-dir", str(runs[key]), "--stage", "1", *extra])
+    if not (runs["gma_stage2"] / "config.json").exists():
+        _run([*train, "--output-dir", str(runs["gma_stage2"]), "--stage", "2", "--init-from", str(runs["gma_stage1"])])
 
 
 def check_run(key: str, folder: Path) -> None:
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         check_runs(runs, existing_only=True)
         train_missing(args.config, runs)
         check_runs(runs)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"ablation: {err}", file=sys.stderr)
         return 2
     splits = make_test_splits(out / "data", args.num_test_images, args.test_seed)

@@ -9,20 +9,71 @@ import pytest
 from mask2anomaly_eval import ablation
 
 
-def test_train_missing_trains_only_absent_runs_and_stage2_from_the_gma_run(tmp_path, monkeypatch):
+def _record_calls(monkeypatch, tmp_path, existing=("gma_stage1",)):
     calls = []
     monkeypatch.setattr(ablation, "_run", lambda command: calls.append(command))
     runs = {name: tmp_path / name for name in ("gma_stage1", "nogma_stage1", "gma_stage2")}
-    runs["gma_stage1"].mkdir()
-    (runs["gma_stage1"] / "config.json").write_text("{}")
-    ablation.train_missing("synthroad", runs)
+    for name in existing:
+        runs[name].mkdir()
+        (runs[name] / "config.json").write_text("{}")
+    return calls, runs
+
+
+def _value(call, flag):
+    return call[call.index(flag) + 1]
+
+
+def test_train_missing_trains_only_absent_runs_and_stage2_from_the_gma_run(tmp_path, monkeypatch):
+    """cityscapes.yaml has no stage-1 continuation: each stage 1 is one command."""
+    calls, runs = _record_calls(monkeypatch, tmp_path)
+    ablation.train_missing("cityscapes", runs)
     assert len(calls) == 2
     nogma, stage2 = calls
-    assert nogma[nogma.index("--output-dir") + 1] == str(runs["nogma_stage1"])
-    assert "model.config.global_masked_attention=false" in nogma and nogma[nogma.index("--stage") + 1] == "1"
-    assert stage2[stage2.index("--stage") + 1] == "2"
-    assert stage2[stage2.index("--init-from") + 1] == str(runs["gma_stage1"])
-    assert all(call[call.index("--config") + 1] == "synthroad" for call in calls)
+    assert _value(nogma, "--output-dir") == str(runs["nogma_stage1"]) and "--init-from" not in nogma
+    assert "model.config.global_masked_attention=false" in nogma and _value(nogma, "--stage") == "1"
+    assert _value(stage2, "--stage") == "2"
+    assert _value(stage2, "--init-from") == str(runs["gma_stage1"])
+    assert all(_value(call, "--config") == "cityscapes" for call in calls)
+
+
+def test_train_missing_runs_the_recipes_stage1_continuation_for_both_stage1_rows(tmp_path, monkeypatch):
+    """synthroad.yaml continues stage 1 with a second command; both stage-1 runs (GMA on and off) get it, the
+    continuation keeps the no-GMA override, and stage 2 starts from the continued GMA run."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(ablation.__file__).parents[1] / "training/configs/synthroad.yaml").read_text())
+    continuation = recipe["stage1_continuation"]
+    assert continuation == ["stage1.max_steps=500", "stage1.learning_rate=5.0e-4", "training.seed=1"]
+    calls, runs = _record_calls(monkeypatch, tmp_path, existing=())
+    ablation.train_missing("synthroad", runs)
+    assert [(_value(c, "--stage"), Path(_value(c, "--output-dir")).name) for c in calls] == [
+        ("1", "nogma_stage1-part1"), ("1", "nogma_stage1"), ("1", "gma_stage1-part1"), ("1", "gma_stage1"),
+        ("2", "gma_stage2")]
+    first, second = calls[0], calls[1]
+    assert "--init-from" not in first and not set(continuation) & set(first)
+    assert _value(second, "--init-from") == str(tmp_path / "nogma_stage1-part1")
+    assert second[-len(continuation):] == continuation
+    assert "model.config.global_masked_attention=false" in first and "model.config.global_masked_attention=false" in second
+    assert "model.config.global_masked_attention=false" not in calls[2] + calls[3]
+    assert _value(calls[3], "--init-from") == str(tmp_path / "gma_stage1-part1")
+    assert _value(calls[4], "--init-from") == str(runs["gma_stage1"])
+
+
+def test_train_missing_reuses_a_finished_first_part(tmp_path, monkeypatch):
+    calls, runs = _record_calls(monkeypatch, tmp_path, existing=("gma_stage1", "gma_stage2"))
+    (tmp_path / "nogma_stage1-part1").mkdir()
+    (tmp_path / "nogma_stage1-part1" / "config.json").write_text("{}")
+    ablation.train_missing("synthroad", runs)
+    assert len(calls) == 1 and _value(calls[0], "--init-from") == str(tmp_path / "nogma_stage1-part1")
+
+
+def test_a_continuation_entry_that_is_not_an_override_is_refused(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("stage1_continuation: [stage1.max_steps=5, --resume]\n")
+    calls, runs = _record_calls(monkeypatch, tmp_path, existing=())
+    with pytest.raises(ValueError, match=r"stage1_continuation entry '--resume' is not a key=value override"):
+        ablation.train_missing(str(config), runs)
+    assert calls == []
 
 
 def test_rows_add_one_component_at_a_time():

@@ -119,6 +119,10 @@ class TrainingConfig:
             learning_rate=1e-5, batch_size=8, max_steps=5000, freeze_backbone=True, outlier_exposure=True
         )
     )
+    # Overrides of a second stage-1 command started from the first one's output (`--init-from`); the recipe's
+    # stage 1 is then that second run. One `mask2anomaly-train` command runs one stage and ignores this; the tools
+    # that run a whole recipe (`eval/ablation.py`) read it. Empty: stage 1 is a single command.
+    stage1_continuation: list[str] = field(default_factory=list)
 
     def stage(self, stage: int) -> StageSettings:
         """Settings of stage 1 or 2."""

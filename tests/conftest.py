@@ -49,7 +49,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_onnx(tmp_path_factory) -> Path:
-    """The demo model exported by the CLI (`mask2anomaly-export`) at 192x384 with a dynamic batch, verified by both
+    """The demo model exported by the CLI (`mask2anomaly-export`) at 224x448 with a dynamic batch, verified by both
     runtimes at export time; shared by tests/test_export.py and tests/test_backends.py, whose tests that use it carry
     `shared_paths.SHARES_DEMO_EXPORT`."""
     from shared_paths import REPO_ROOT
@@ -57,6 +57,6 @@ def demo_onnx(tmp_path_factory) -> Path:
     from modeling_mask2anomaly.export import main
 
     out = tmp_path_factory.mktemp("export") / "demo_onnx"
-    assert main([str(REPO_ROOT / "demo_model"), "--output-dir", str(out), "--height", "192", "--width", "384",
+    assert main([str(REPO_ROOT / "demo_model"), "--output-dir", str(out), "--height", "224", "--width", "448",
                  "--dynamic", "--verify", "onnxruntime", "openvino"]) == 0
     return out

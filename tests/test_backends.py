@@ -35,7 +35,7 @@ from modeling_mask2anomaly.predict import main
 ROOT = REPO_ROOT
 DEMO = ROOT / "demo_model"
 SAMPLES = sorted((ROOT / "samples").glob("*.png"))
-EXPORT_SIZE = (192, 384)  # the demo processor's size for 1:2 road images (shortest side 192)
+EXPORT_SIZE = (224, 448)  # the demo processor's size for 1:2 road images (shortest side 224)
 MAP_ATOL = 1e-4
 RUNTIMES = {"onnxruntime": OnnxRuntimeBackend, "openvino": OpenVINOBackend}
 
@@ -44,7 +44,7 @@ pytestmark = [pytest.mark.usefixtures("single_thread"), SHARES_DEMO_EXPORT]
 
 @pytest.fixture
 def exported(demo_onnx) -> Path:
-    """The demo model exported at 192x384 (fixed size, dynamic batch; conftest's `demo_onnx`)."""
+    """The demo model exported at 224x448 (fixed size, dynamic batch; conftest's `demo_onnx`)."""
     return demo_onnx
 
 
@@ -152,34 +152,34 @@ def test_fixed_size_graph_pads_smaller_images(exported, demo, runtime):
 
 
 def test_fixed_size_graph_shrinks_larger_images(exported, demo):
-    """A portrait image (processed 384x192, taller than the 192x384 graph) is shrunk to the largest size of its
-    aspect ratio that fits, 192x96, then padded."""
+    """A portrait image (processed 448x224, taller than the 224x448 graph) is shrunk to the largest size of its
+    aspect ratio that fits, 224x112, then padded."""
     model, processor = demo
     backend, _ = load_backend(exported, "onnxruntime")
     portrait = random_image(120, 60, seed=6)
-    assert processor.processed_size(portrait.shape[:2]) == (384, 192)
-    assert backend_input_size(processor, portrait.shape[:2], input_size=backend.input_size) == (192, 96)
+    assert processor.processed_size(portrait.shape[:2]) == (448, 224)
+    assert backend_input_size(processor, portrait.shape[:2], input_size=backend.input_size) == (224, 112)
     (result,) = predict_anomaly(backend, processor, portrait)
     assert result.anomaly_map.shape == (120, 60)
-    reference = _reference(model, processor, portrait, (192, 96), EXPORT_SIZE, flip=True)
+    reference = _reference(model, processor, portrait, (224, 112), EXPORT_SIZE, flip=True)
     np.testing.assert_allclose(result.anomaly_map, reference, atol=MAP_ATOL, rtol=0)
 
 
 def test_fixed_size_graph_refuses_large_images_without_resize(exported, demo, tmp_path, capsys):
     _, processor = demo
-    with pytest.raises(ValueError, match=r"an image of 200x300 \(not resized\) is larger than the exported model's "
-                                         r"fixed input 192x384; resize it"):
-        backend_input_size(processor, (200, 300), do_resize=False, input_size=EXPORT_SIZE)
+    with pytest.raises(ValueError, match=r"an image of 240x300 \(not resized\) is larger than the exported model's "
+                                         r"fixed input 224x448; resize it"):
+        backend_input_size(processor, (240, 300), do_resize=False, input_size=EXPORT_SIZE)
     images = tmp_path / "images"
     images.mkdir()
-    Image.fromarray(random_image(200, 300, seed=7)).save(images / "large.png")
+    Image.fromarray(random_image(240, 300, seed=7)).save(images / "large.png")
     Image.fromarray(random_image(40, 56, seed=8)).save(images / "small.png")
     out = tmp_path / "out"
     code = main([str(images), "--model", str(exported), "--backend", "onnxruntime", "--no-resize",
                  "--output-dir", str(out)])
     captured = capsys.readouterr()
     assert code == 1
-    assert "large.png: an image of 200x300 (not resized) is larger than the exported model's fixed input" \
+    assert "large.png: an image of 240x300 (not resized) is larger than the exported model's fixed input" \
         in captured.err
     assert "Traceback" not in captured.err
     assert sorted(p.name for p in out.glob("*_anomaly.npy")) == ["small_anomaly.npy"]
@@ -236,7 +236,7 @@ def test_api_refuses_mismatched_backend_arguments(exported, demo):
         predict_anomaly(backend, processor, _rgb(SAMPLES[0]), backend="openvino")
     with pytest.raises(ValueError, match="image_processor is needed"):
         predict_anomaly(model, None, _rgb(SAMPLES[0]))
-    with pytest.raises(ValueError, match="takes 192x384 inputs only; got pixel_values of 64x64"):
+    with pytest.raises(ValueError, match="takes 224x448 inputs only; got pixel_values of 64x64"):
         backend(torch.zeros(1, 3, 64, 64))
 
 

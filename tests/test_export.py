@@ -42,20 +42,24 @@ DEMO = ROOT / "demo_model"
 SAMPLE = ROOT / "samples" / "synthroad_anomaly_000009.png"
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 LOGIT_ATOL = 1e-4
+# float32 keeps about 7 significant digits: on logits of magnitude M a float32 forward is off by ~1e-6 * M (the demo
+# model's mask logits reach 168 at 224x448, and PyTorch's own float32 forward is 8e-5 off its float64 one there),
+# so the logit bound is LOGIT_ATOL or LOGIT_RTOL_OF_SCALE * max |logit|, whichever is larger.
+LOGIT_RTOL_OF_SCALE = 1e-6
 MAP_ATOL = 1e-4
 RUNTIMES = ("onnxruntime", "openvino")
 
 
 @pytest.fixture
 def demo_export(demo_onnx):
-    """The demo model exported at 192x384 with a dynamic batch (conftest's `demo_onnx`; the fixture models below are
+    """The demo model exported at 224x448 with a dynamic batch (conftest's `demo_onnx`; the fixture models below are
     exported with a fixed batch)."""
     return demo_onnx
 
 
 def _check_runtime(model, processor, onnx_path, images: list[np.ndarray], runtime: str) -> None:
-    """Logits of `runtime` within LOGIT_ATOL of PyTorch's float64 forward, anomaly maps within MAP_ATOL of those of
-    PyTorch float32 eager."""
+    """Logits of `runtime` within the logit bound (see LOGIT_RTOL_OF_SCALE) of PyTorch's float64 forward, anomaly
+    maps within MAP_ATOL of those of PyTorch float32 eager."""
     pixel_values = processor(images, return_tensors="pt")["pixel_values"]
     exact = eager_logits(model, pixel_values, torch.float64)
     with torch.no_grad():
@@ -72,7 +76,9 @@ def _check_runtime(model, processor, onnx_path, images: list[np.ndarray], runtim
     for eager_map, runtime_map, image in zip(*maps, images):
         assert runtime_map.shape == image.shape[:2]
         differences["anomaly map"] = max(differences.get("anomaly map", 0.0), max_abs_difference(runtime_map, eager_map))
-    limits = {"class logits": LOGIT_ATOL, "mask logits": LOGIT_ATOL, "anomaly map": MAP_ATOL}
+    limits = {"class logits": max(LOGIT_ATOL, LOGIT_RTOL_OF_SCALE * float(np.abs(exact[0]).max())),
+              "mask logits": max(LOGIT_ATOL, LOGIT_RTOL_OF_SCALE * float(np.abs(exact[1]).max())),
+              "anomaly map": MAP_ATOL}
     assert all(differences[k] <= limits[k] for k in limits), (runtime, differences)
 
 
@@ -90,7 +96,7 @@ def test_folder_holds_the_model_configs_and_readme(demo_export):
     processor = Mask2AnomalyImageProcessor.from_pretrained(demo_export)
     assert processor.to_dict() == Mask2AnomalyImageProcessor.from_pretrained(DEMO).to_dict()
     info = json.loads((demo_export / "export.json").read_text())
-    assert info["input"] == {"name": "pixel_values", "shape": ["batch", 3, 192, 384], "dtype": "float32", "dynamic": True}
+    assert info["input"] == {"name": "pixel_values", "shape": ["batch", 3, 224, 448], "dtype": "float32", "dynamic": True}
     for runtime in RUNTIMES:
         assert max(info["parity_max_abs_difference"][runtime].values()) <= LOGIT_ATOL
     assert set(info["parity_max_abs_difference"]) == {"torch_float32", *RUNTIMES}
@@ -100,7 +106,7 @@ def test_folder_holds_the_model_configs_and_readme(demo_export):
     assert [i.name for i in graph.input] == ["pixel_values"]
     assert [o.name for o in graph.output] == ["class_queries_logits", "masks_queries_logits"]
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-    assert dims == ["batch", 3, 192, 384]
+    assert dims == ["batch", 3, 224, 448]
 
 
 @SHARES_DEMO_EXPORT

@@ -278,7 +278,7 @@ def test_card_of_a_synthroad_run_tells_its_own_recipe(tmp_path):
     assert "| max_steps | `4` |" in training and "`200`" not in training and training.count("max_steps") == 1
     assert ("Stage 2 (outlier exposure): 4 optimizer steps of 8 images on 2000 SynthRoad scenes (split train, "
             "seed 0), AdamW lr 0.0002, backbone frozen, outliers pasted from 500 SynthRoad scenes (seed 0) with "
-            "probability 0.2, initialised from `outputs/m2a-stage1`.") in training
+            "probability 0.5, initialised from `outputs/m2a-stage1`.") in training
     assert "official recipe" not in training and "90k" not in training and "Cityscapes" not in training
     assert "--output-dir outputs/m2a-final" in training  # the command as it was run
     assert "--output-dir outputs/predict images/" in text  # the predict CLI's own default folder

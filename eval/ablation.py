@@ -57,13 +57,18 @@ def _bin(name: str) -> str:
 
 
 def stage1_continuation(config: str) -> list[str]:
-    """The overrides of the config's second stage-1 command (`stage1_continuation`; empty: none)."""
+    """The overrides of the config's second stage-1 command (`stage1_continuation`; empty: none), checked against
+    the config as the training will apply them, so that a wrong key is refused before the first part trains."""
     from mask2anomaly_training.config import is_override, load_config  # only here: --help needs nothing heavy
 
     overrides = list(load_config(config).stage1_continuation)
     for override in overrides:
         if not is_override(override):
             raise ValueError(f"config {config!r}: stage1_continuation entry {override!r} is not a key=value override")
+    try:
+        load_config(config, overrides)
+    except ValueError as err:
+        raise ValueError(f"config {config!r}: stage1_continuation: {err}") from None
     return overrides
 
 

@@ -76,6 +76,16 @@ def test_a_continuation_entry_that_is_not_an_override_is_refused(tmp_path, monke
     assert calls == []
 
 
+def test_a_continuation_with_an_unknown_key_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    config = tmp_path / "typo.yaml"
+    config.write_text("stage1_continuation: [stage1.max_step=5]\n")
+    calls, runs = _record_calls(monkeypatch, tmp_path, existing=())
+    with pytest.raises(ValueError, match=r"stage1_continuation: unknown config key 'stage1.max_step'; valid keys of "
+                                         r"stage1: .*max_steps"):
+        ablation.train_missing(str(config), runs)
+    assert calls == []
+
+
 def test_rows_add_one_component_at_a_time():
     flags = [set(row[2]) for row in ablation.ROWS]
     models = [row[1] for row in ablation.ROWS]

@@ -43,7 +43,7 @@ def test_train_missing_runs_the_recipes_stage1_continuation_for_both_stage1_rows
 
     recipe = yaml.safe_load((Path(ablation.__file__).parents[1] / "training/configs/synthroad.yaml").read_text())
     continuation = recipe["stage1_continuation"]
-    assert continuation == ["stage1.max_steps=500", "stage1.learning_rate=5.0e-4", "training.seed=1"]
+    assert continuation == ["stage1.max_steps=900", "stage1.learning_rate=5.0e-4", "training.seed=1"]
     calls, runs = _record_calls(monkeypatch, tmp_path, existing=())
     ablation.train_missing("synthroad", runs)
     assert [(_value(c, "--stage"), Path(_value(c, "--output-dir")).name) for c in calls] == [

@@ -81,14 +81,13 @@ def train_missing(config: str, runs: dict[str, Path]) -> None:
     for key, extra in (("nogma_stage1", ["model.config.global_masked_attention=false"]), ("gma_stage1", [])):
         if (runs[key] / "config.json").exists():
             continue
+        init_from = []
         if continuation:
             first = runs[key].with_name(runs[key].name + "-part1")
             if not (first / "config.json").exists():
                 _run([*train, "--output-dir", str(first), "--stage", "1", *extra])
-            _run([*train, "--output-dir", str(runs[key]), "--stage", "1", "--init-from", str(first), *extra,
-                  *continuation])
-        else:
-            _run([*train, "--output-dir", str(runs[key]), "--stage", "1", *extra])
+            init_from = ["--init-from", str(first)]
+        _run([*train, "--output-dir", str(runs[key]), "--stage", "1", *init_from, *extra, *continuation])
     if not (runs["gma_stage2"] / "config.json").exists():
         _run([*train, "--output-dir", str(runs["gma_stage2"]), "--stage", "2", "--init-from", str(runs["gma_stage1"])])
 
